@@ -1,0 +1,24 @@
+# The two commands the README opens with: `make demo` and `make test`.
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test lint typecheck unit
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m pyhast.demo
+
+lint: setup
+	$(VENV)/bin/ruff check src tests bench
+	$(VENV)/bin/ruff format --check src tests bench
+
+typecheck: setup
+	$(VENV)/bin/mypy
+
+test: setup lint typecheck
+	$(VENV)/bin/pytest -q tests
+
+unit: setup
+	$(VENV)/bin/pytest -q tests/unit tests/fuzz
