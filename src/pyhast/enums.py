@@ -7,6 +7,7 @@ the exec hook vocabulary, so they must not change.
 from __future__ import annotations
 
 import enum
+from typing import Self
 
 
 class Role(enum.IntEnum):
@@ -40,7 +41,7 @@ class _Labelled(enum.IntEnum):
         return self.name.lower()
 
     @classmethod
-    def from_label(cls, text: str) -> _Labelled:
+    def from_label(cls, text: str) -> Self:
         try:
             return cls[text.upper()]
         except KeyError:
