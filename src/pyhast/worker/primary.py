@@ -1,0 +1,388 @@
+"""The primary worker's data path: what the NBD server (and FUSE) call.
+
+A write, in order (spec 5 and 7, with FreeBSD's gaps fixed):
+
+1. wait while a synchronisation chunk holds an overlapping range, then lock
+   the range as a regular write (regular writes never exclude each other);
+2. ``activemap.write_start``: when the on-disk bitmap changes it is written
+   (and flushed with metaflush) *before* the data goes anywhere;
+3. the local write and the remote send happen back to back with no await in
+   between, so both components see the same FIFO order;
+4. completion by mode: fullsync waits for the local write and the remote's
+   final reply; memsync for the local write and the remote's ``received``;
+   async for the local write only;
+5. when the remote outcome is known: a failure or an unknown outcome
+   (disconnect) marks the range for synchronisation; only then does
+   ``write_complete`` run and the range lock go.
+
+A failed local write with a successful remote one marks the extent stale
+locally: it is synchronised from the secondary and its reads go to the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+from collections.abc import Awaitable
+
+from pyhast.defaults import MAXPHYS
+from pyhast.enums import Replication, SyncSrc
+from pyhast.worker.local import LocalComponent
+from pyhast.worker.remote import RemoteComponent, RemoteRequest
+
+_ZEROS = bytes(MAXPHYS)
+
+
+class Stats:
+    """The counters ``hastctl list`` shows (spec 2.3)."""
+
+    __slots__ = (
+        "delete",
+        "delete_error",
+        "flush",
+        "flush_error",
+        "read",
+        "read_error",
+        "write",
+        "write_error",
+    )
+
+    def __init__(self) -> None:
+        self.read = self.write = self.delete = self.flush = 0
+        self.read_error = self.write_error = self.delete_error = self.flush_error = 0
+
+
+class PrimaryDevice:
+    """The replicated device of one resource, as the primary serves it.
+
+    Implements the NBD server's BlockBackend protocol.
+    """
+
+    def __init__(
+        self,
+        local: LocalComponent,
+        *,
+        replication: Replication,
+        log: logging.LoggerAdapter[logging.Logger],
+    ) -> None:
+        self.local = local
+        self.am = local.activemap
+        self.replication = replication
+        self.log = log
+        self.remote: RemoteComponent | None = None
+        self.syncsrc = SyncSrc.UNDEF
+        self.stats = Stats()
+        # Counters of the peer, as last seen in a handshake.
+        self.secondary_localcnt = 0
+        self.secondary_remotecnt = 0
+        self._regular = _Ranges()
+        self._sync = _Ranges()
+        self._changed = asyncio.Event()
+        #: extents whose local copy is stale (a local write failed)
+        self.local_stale: set[int] = set()
+        self.inflight = 0
+        self.remote_inflight = 0
+        self.closed = False
+
+    # -- BlockBackend properties ----------------------------------------------
+
+    @property
+    def size(self) -> int:
+        return self.local.datasize
+
+    @property
+    def block_size(self) -> tuple[int, int, int]:
+        return (self.local.sectorsize, max(4096, self.local.sectorsize), MAXPHYS)
+
+    @property
+    def read_only(self) -> bool:
+        return False
+
+    @property
+    def can_multi_conn(self) -> bool:
+        return True
+
+    @property
+    def connected(self) -> bool:
+        return self.remote is not None and self.remote.connected
+
+    # -- helpers -----------------------------------------------------------------
+
+    def _extents(self, offset: int, length: int) -> range:
+        first = self.am.offset_to_extent(offset)
+        last = self.am.offset_to_extent(offset + length - 1)
+        return range(first, last + 1)
+
+    def _read_from_remote(self, offset: int, length: int) -> bool:
+        if not self.connected:
+            return False
+        if self.syncsrc is SyncSrc.SECONDARY and self.am.in_syncmap(offset, length):
+            return True
+        return bool(self.local_stale) and any(
+            e in self.local_stale for e in self._extents(offset, length)
+        )
+
+    async def _mark_need_sync(self, offset: int, length: int) -> None:
+        if self.am.need_sync(offset, length):
+            await self._bitmap_flush_logged()
+
+    async def _bitmap_flush_logged(self) -> None:
+        try:
+            await self.local.bitmap_flush()
+        except OSError:
+            pass  # logged by bitmap_flush; the in-memory map still tracks it
+
+    def _bump_localcnt_if_degraded(self) -> None:
+        """FreeBSD: the first write without the peer bumps localcnt once."""
+        md = self.local.md
+        if not self.connected and md.localcnt == self.secondary_remotecnt:
+            md.localcnt += 1
+            self.log.debug("Increasing localcnt to %d.", md.localcnt)
+            try:
+                self.local.metadata_write()
+            except Exception as exc:  # noqa: BLE001
+                self.log.error("Unable to write metadata: %s", exc)
+
+    # -- reads -------------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        self.stats.read += 1
+        if self._read_from_remote(offset, length):
+            try:
+                return await self._remote_read(offset, length)
+            except OSError:
+                if self.syncsrc is SyncSrc.SECONDARY or self.local_stale:
+                    self.stats.read_error += 1
+                    raise
+        try:
+            return self.local.read(offset, length)
+        except OSError as exc:
+            self.stats.read_error += 1
+            if not self.connected:
+                raise
+            self.log.warning("Local read failed (%s); reading from the secondary.", exc.strerror)
+            return await self._remote_read(offset, length)
+
+    async def _remote_read(self, offset: int, length: int) -> bytes | memoryview:
+        assert self.remote is not None
+        req = self.remote.read(offset, length)
+        err = await req.done
+        if err:
+            raise OSError(err, f"Remote read failed: {errno.errorcode.get(err, err)}")
+        assert req.data is not None
+        return req.data
+
+    # -- writes ------------------------------------------------------------------
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+        length = len(data)
+        self.stats.write += 1
+        await self._lock_regular(offset, length)
+        released = False
+        try:
+            if self.am.write_start(offset, length):
+                await self._bitmap_flush_logged()
+            mode = self.replication
+            # Local and remote dispatch back to back: same order on both.
+            try:
+                self.local.write(offset, data)
+                lerr = 0
+            except OSError as exc:
+                lerr = exc.errno or errno.EIO
+            remote = self.remote if self.connected else None
+            req = remote.write(offset, data, mode is Replication.MEMSYNC) if remote else None
+            if req is None:
+                await self._mark_need_sync(offset, length)
+                self._bump_localcnt_if_degraded()
+            if lerr:
+                self.stats.write_error += 1
+                self.log.error(
+                    "Local write of %d bytes at %d failed: %s.", length, offset, errno.errorcode.get(lerr)
+                )
+            if req is not None:
+                self.remote_inflight += 1
+                if lerr or mode is Replication.FULLSYNC:
+                    rerr = await req.done
+                elif mode is Replication.MEMSYNC:
+                    rerr = await req.received
+                else:
+                    rerr = 0
+                if req.done.done():
+                    await self._remote_write_done(req, offset, length, lerr)
+                else:
+                    released = True
+                    asyncio.get_running_loop().create_task(
+                        self._finish_in_background(req, offset, length, lerr)
+                    )
+                if lerr and rerr:
+                    raise OSError(lerr, "Write failed on both components")
+            else:
+                if lerr:
+                    raise OSError(lerr, "Local write failed")
+                self._complete(offset, length)
+        finally:
+            if not released:
+                self._unlock_regular(offset, length)
+        if fua:
+            await self.flush()
+
+    async def _finish_in_background(
+        self, req: RemoteRequest, offset: int, length: int, lerr: int
+    ) -> None:
+        try:
+            await req.done
+            await self._remote_write_done(req, offset, length, lerr)
+        finally:
+            self._unlock_regular(offset, length)
+
+    async def _remote_write_done(
+        self, req: RemoteRequest, offset: int, length: int, lerr: int
+    ) -> None:
+        self.remote_inflight -= 1
+        rerr = req.done.result()
+        if rerr:
+            # Failed or unknown outcome: the secondary may hold stale data.
+            if rerr != errno.ENOTCONN:
+                self.log.warning(
+                    "Remote write of %d bytes at %d failed: %s; marked for synchronization.",
+                    length,
+                    offset,
+                    errno.errorcode.get(rerr, rerr),
+                )
+            await self._mark_need_sync(offset, length)
+            if lerr:
+                return
+        if lerr:
+            # The remote copy is good, the local one is not.
+            self.local_stale.update(self._extents(offset, length))
+            await self._mark_need_sync(offset, length)
+        self._complete(offset, length)
+
+    def _complete(self, offset: int, length: int) -> None:
+        if self.am.write_complete(offset, length):
+            asyncio.get_running_loop().create_task(self._bitmap_flush_logged())
+
+    # -- delete, zeroes, flush -------------------------------------------------
+
+    async def trim(self, offset: int, length: int, fua: bool) -> None:
+        self.stats.delete += 1
+        await self._lock_regular(offset, length)
+        try:
+            if self.am.write_start(offset, length):
+                await self._bitmap_flush_logged()
+            try:
+                self.local.delete(offset, length)
+                lerr = 0
+            except OSError as exc:
+                lerr = exc.errno or errno.EIO
+            req = self.remote.delete(offset, length) if self.connected and self.remote else None
+            if req is None:
+                await self._mark_need_sync(offset, length)
+                self._bump_localcnt_if_degraded()
+                rerr = errno.ENOTCONN
+            else:
+                rerr = await req.done
+                if rerr:
+                    await self._mark_need_sync(offset, length)
+            if lerr and lerr != errno.EOPNOTSUPP:
+                self.stats.delete_error += 1
+            self._complete(offset, length)
+        finally:
+            self._unlock_regular(offset, length)
+        if lerr and rerr:
+            # Discard is advisory: "not supported" on both sides is not an error.
+            if lerr == errno.EOPNOTSUPP:
+                return
+            raise OSError(lerr, "Delete failed")
+        if fua:
+            await self.flush()
+
+    async def write_zeroes(self, offset: int, length: int, fua: bool, may_trim: bool) -> None:
+        end = offset + length
+        pos = offset
+        while pos < end:
+            n = min(MAXPHYS, end - pos)
+            await self.write(pos, memoryview(_ZEROS)[:n], False)
+            pos += n
+        if fua:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Durable on every component the mode promises (async: local only)."""
+        self.stats.flush += 1
+        waits: list[Awaitable[object]] = [self.local.flush()]
+        req = None
+        if self.connected and self.remote and self.replication is not Replication.ASYNC:
+            req = self.remote.flush()
+            waits.append(req.done)
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        lres = results[0]
+        if isinstance(lres, BaseException):
+            self.stats.flush_error += 1
+            if req is None or req.done.result():
+                raise lres
+        if req is not None and req.done.result() and req.done.result() != errno.ENOTCONN:
+            self.log.warning("Remote flush failed: %s.", errno.errorcode.get(req.done.result()))
+
+    # -- range locks between regular writes and synchronisation ----------------
+
+    async def _lock_regular(self, offset: int, length: int) -> None:
+        while self._sync.islocked(offset, length):
+            await self._wait_change()
+        self._regular.lock(offset, length)
+
+    def _unlock_regular(self, offset: int, length: int) -> None:
+        self._regular.unlock(offset, length)
+        self._signal_change()
+
+    async def lock_sync(self, offset: int, length: int) -> None:
+        while self._regular.islocked(offset, length) or self._sync.islocked(offset, length):
+            await self._wait_change()
+        self._sync.lock(offset, length)
+
+    def unlock_sync(self, offset: int, length: int) -> None:
+        self._sync.unlock(offset, length)
+        self._signal_change()
+
+    async def _wait_change(self) -> None:
+        self._changed.clear()
+        await self._changed.wait()
+
+    def _signal_change(self) -> None:
+        self._changed.set()
+
+    # -- status ------------------------------------------------------------------
+
+    def queue_sizes(self) -> dict[str, int]:
+        return {
+            "local_queue_size": 0,
+            "send_queue_size": self.remote_inflight if self.remote else 0,
+            "recv_queue_size": len(self.remote.pending) if self.remote else 0,
+            "done_queue_size": 0,
+            "idle_queue_size": 0,
+        }
+
+    def now(self) -> float:
+        return time.monotonic()
+
+
+class _Ranges:
+    """RangeLocks with a tiny fast path for the common empty case."""
+
+    __slots__ = ("_locks",)
+
+    def __init__(self) -> None:
+        from pyhast.disk.rangelock import RangeLocks
+
+        self._locks = RangeLocks()
+
+    def islocked(self, offset: int, length: int) -> bool:
+        return len(self._locks) > 0 and self._locks.islocked(offset, length)
+
+    def lock(self, offset: int, length: int) -> None:
+        self._locks.lock(offset, length)
+
+    def unlock(self, offset: int, length: int) -> None:
+        self._locks.unlock(offset, length)
