@@ -70,9 +70,9 @@ def setup_logging(
     switches from stderr to syslog.
     """
     root = logging.getLogger(_ROOT)
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+        old.close()
     handler: logging.Handler
     if foreground:
         handler = logging.StreamHandler(sys.stderr)

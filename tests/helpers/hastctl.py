@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 
-def hastctl(*args: str, node: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def hastctl(
+    *args: str, node: str | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     """Run ``hastctl <args>`` with this interpreter; output captured as text."""
     cmd = [sys.executable, "-m", "pyhast.cli.hastctl", *args]
     if node is not None:

@@ -111,7 +111,9 @@ def test_create_options_and_suffixes(tmp_path: Path, image: Path) -> None:
         (["-k", "x"], 64, "Invalid keepdirty"),
     ],
 )
-def test_create_rejects(tmp_path: Path, image: Path, args: list[str], code: int, message: str) -> None:
+def test_create_rejects(
+    tmp_path: Path, image: Path, args: list[str], code: int, message: str
+) -> None:
     conf = write_conf(tmp_path, str(image))
     res = hastctl("create", "-c", conf, *args, "r0", node="nodea")
     assert res.returncode == code, res.stderr

@@ -83,8 +83,11 @@ def test_first_reply_golden_bytes() -> None:
     #               0a 06 10000000 "token\0"+2pad <16 token bytes>
     expected = (
         b"\x02\x34\x00\x00\x00"
-        + b"\x02\x08\x01\x00\x00\x00version\x00\x02" + bytes(7)
-        + b"\x0a\x06\x10\x00\x00\x00token\x00" + bytes(2) + TOKEN
+        + b"\x02\x08\x01\x00\x00\x00version\x00\x02"
+        + bytes(7)
+        + b"\x0a\x06\x10\x00\x00\x00token\x00"
+        + bytes(2)
+        + TOKEN
     )
     assert b"".join(bytes(b) for b in encode_frame(first_reply(2, TOKEN))) == expected
 

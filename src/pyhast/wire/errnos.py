@@ -66,7 +66,7 @@ _FREEBSD: Final[dict[str, int]] = {
 }
 
 #: FreeBSD-only numbers that have no Linux name but appear in HAST.
-FREEBSD_ERPCMISMATCH: Final = 73
+FREEBSD_ERPCMISMATCH: Final = 73  # same as pyhast.wire.frame.ERPCMISMATCH
 FREEBSD_EOPNOTSUPP: Final = 45
 FREEBSD_ENOTCONN: Final = 57
 

@@ -1,0 +1,365 @@
+"""HAST message framing, sans-IO (spec 6.2).
+
+Every message on every HAST socket is::
+
+    +---------+---------------+---------------------+----------------------+
+    | version | nvsize LE u32 | nv list (nvsize B)  | payload (nv "size" B) |
+    +---------+---------------+---------------------+----------------------+
+
+The payload is present only when the nv list has a ``size`` field (uint32)
+greater than zero.
+
+Sending
+=======
+
+:func:`encode_frame` returns the buffers to hand to ``writelines``/``sendmsg``:
+``[header + nv]`` or ``[header + nv, payload]``.  The header and nv are built
+in one :class:`~pyhast.wire.ebuf.Ebuf` (nv appended, header prepended into the
+headroom); the payload object is passed through untouched.  The ``size`` field
+must already be in the nv list (:func:`pyhast.wire.pipeline.pipeline_send`
+adds it) and must match the payload.
+
+Receiving
+=========
+
+:class:`FrameDecoder` is a push parser in the h11/wsproto style: the I/O layer
+calls :meth:`FrameDecoder.feed` with whatever bytes arrived and then calls
+:meth:`FrameDecoder.next_frame` until it returns :data:`NEED_DATA`.  The
+state machine::
+
+             +--------------------------------------------------+
+             v                                                  |
+        +--------+  5 bytes: version ok,     +------+  nv ok,   |
+        | HEADER | ------------------------> |  NV  | size == 0 |--> Frame(payload=None)
+        +--------+  0 < nvsize <= max_nv     +------+ ----------+
+             ^                                  | nv ok, 0 < size <= max_payload
+             |                                  v
+             |   size bytes received       +---------+
+             +---------------------------- | PAYLOAD | --> Frame(payload=view)
+                                           +---------+
+        any violation (in any state) --> ERROR (sticky: every later call raises)
+
+Limits are checked on the *advertised* sizes, before anything is allocated
+or waited for: a version of 0 or above ``max_version`` (errno 73, FreeBSD's
+ERPCMISMATCH), an nv size of 0 or above ``max_nv_size``, a ``size`` field of
+the wrong type or above ``max_payload`` all raise
+:class:`~pyhast.errors.FrameError` as soon as the header (or nv list) is
+complete.  nv decoding errors raise :class:`~pyhast.errors.NVError`.  Both are
+:class:`~pyhast.errors.ProtocolError`; nothing else escapes.
+
+Buffering: header and nv bytes accumulate in one bytearray with a read
+offset that is compacted only when the consumed part is large and at least
+half of the buffer, so feeding one byte at a time or many frames at once is
+linear.  Once a payload's size is known, a bytearray of exactly that size is
+allocated and later :meth:`~FrameDecoder.feed` calls copy straight into it;
+the frame's payload is a read-only memoryview of it (no further copy).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Final, NamedTuple
+
+from pyhast.defaults import HAST_PROTO_VERSION, MAXPHYS
+from pyhast.errors import FrameError, NVTypeError, ProtocolError
+
+from .ebuf import Ebuf
+from .nv import NV, NVType
+
+__all__ = [
+    "DEFAULT_MAX_NV_SIZE",
+    "DEFAULT_MAX_PAYLOAD",
+    "ERPCMISMATCH",
+    "HEADER_SIZE",
+    "NEED_DATA",
+    "DecoderState",
+    "Frame",
+    "FrameDecoder",
+    "NeedData",
+    "decode_header",
+    "encode_frame",
+    "encode_header",
+    "payload_size",
+]
+
+#: Frame header length: version (u8) + nv size (LE u32).
+HEADER_SIZE: Final = 5
+#: Default limit on the nv list of one frame (control replies can be large).
+DEFAULT_MAX_NV_SIZE: Final = 1024 * 1024
+#: Default limit on a payload: MAXPHYS plus room for a compression header
+#: (an LZF payload is at most original + 4 bytes).
+DEFAULT_MAX_PAYLOAD: Final = MAXPHYS + 64
+#: FreeBSD's ERPCMISMATCH ("RPC version wrong"), 73 in FreeBSD's sys/errno.h.
+#: Stored raw in FrameError.errno; pyhast.wire.errnos translates (on Linux 73
+#: is EDOTDOT, so never pass it to os.strerror()).
+ERPCMISMATCH: Final = 73
+
+_HEADER: Final = struct.Struct("<BI")
+_U32_MAX: Final = 0xFFFFFFFF
+
+
+class NeedData(enum.Enum):
+    """Sentinel type returned by :meth:`FrameDecoder.next_frame`."""
+
+    NEED_DATA = "NEED_DATA"
+
+
+#: More bytes are needed before the next frame is complete.
+NEED_DATA: Final = NeedData.NEED_DATA
+
+
+class DecoderState(enum.Enum):
+    """Where :class:`FrameDecoder` is in the current frame."""
+
+    HEADER = "header"
+    NV = "nv"
+    PAYLOAD = "payload"
+    ERROR = "error"
+
+
+class Frame(NamedTuple):
+    """One received message."""
+
+    #: Version byte of the frame header.
+    version: int
+    #: The decoded nv list.
+    nv: NV
+    #: The raw (still compressed/checksummed) payload, or None when ``size``
+    #: is absent or 0.  A read-only view owned by this frame alone.
+    payload: memoryview | None
+
+
+def encode_header(version: int, nvsize: int) -> bytes:
+    """The 5-byte frame header."""
+    if not 0 <= version <= 0xFF or not 0 <= nvsize <= _U32_MAX:
+        raise ValueError(f"Invalid frame header (version {version}, nv size {nvsize}).")
+    return _HEADER.pack(version, nvsize)
+
+
+def decode_header(
+    b: bytes | bytearray | memoryview,
+    *,
+    max_version: int = HAST_PROTO_VERSION,
+    max_nv_size: int = DEFAULT_MAX_NV_SIZE,
+) -> tuple[int, int]:
+    """Parse and check a 5-byte frame header; return ``(version, nvsize)``.
+
+    Raises FrameError (errno ERPCMISMATCH for a bad version).
+    """
+    if len(b) != HEADER_SIZE:
+        raise FrameError(f"Frame header is {len(b)} bytes, expected {HEADER_SIZE}.")
+    version, nvsize = _HEADER.unpack(b)
+    _check_header(version, nvsize, max_version, max_nv_size)
+    return version, nvsize
+
+
+def _check_header(version: int, nvsize: int, max_version: int, max_nv_size: int) -> None:
+    if version == 0 or version > max_version:
+        raise FrameError(
+            f"Unsupported protocol version {version} (at most {max_version}).",
+            ERPCMISMATCH,
+        )
+    if nvsize == 0:
+        raise FrameError("Frame has an empty nv list.")
+    if nvsize > max_nv_size:
+        raise FrameError(f"Frame nv list of {nvsize} bytes exceeds the limit of {max_nv_size}.")
+
+
+def payload_size(nv: NV, max_payload: int = DEFAULT_MAX_PAYLOAD) -> int:
+    """Length of the payload that follows ``nv`` (0 if none); FrameError if invalid."""
+    t = nv.type_of("size")
+    if t is None:
+        return 0
+    if t is not NVType.UINT32:
+        raise FrameError(f"Field 'size' is {t.label}, expected uint32.")
+    size = nv.get_uint32("size")
+    if size > max_payload:
+        raise FrameError(f"Payload of {size} bytes exceeds the limit of {max_payload}.")
+    return size
+
+
+def encode_frame(
+    nv: NV,
+    payload: bytes | bytearray | memoryview | None = None,
+    version: int = HAST_PROTO_VERSION,
+) -> list[bytes | memoryview]:
+    """Buffers to send for one message: ``[header+nv]`` or ``[header+nv, payload]``.
+
+    ``nv`` must carry ``size`` = len(payload) when a non-empty payload is
+    given, and no positive ``size`` otherwise (ValueError).  The payload is
+    returned as is, never copied.
+    """
+    if payload is not None:
+        plen = payload.nbytes if isinstance(payload, memoryview) else len(payload)
+    else:
+        plen = 0
+    try:
+        declared = nv.get_uint32("size", default=0)
+    except NVTypeError:
+        raise ValueError("Field 'size' must be a uint32.") from None
+    if declared != plen:
+        raise ValueError(f"nv says size {declared} but the payload has {plen} bytes.")
+    if not 0 <= version <= 0xFF:
+        raise ValueError(f"Invalid frame version {version}.")
+    nvsize = nv.encoded_size()
+    eb = Ebuf(nvsize, headroom=HEADER_SIZE)
+    nv.encode_into(eb)
+    eb.add_head(_HEADER.pack(version, nvsize))
+    if plen == 0:
+        return [eb.data()]
+    assert payload is not None
+    return [eb.data(), payload if not isinstance(payload, bytearray) else memoryview(payload)]
+
+
+class FrameDecoder:
+    """Incremental, sans-IO decoder of HAST frames (see the module docstring).
+
+    ``max_payload`` may be changed between frames (e.g. raised by the
+    handshake code before receiving a bitmap).
+    """
+
+    __slots__ = (
+        "_buf",
+        "_nv",
+        "_nvsize",
+        "_pbuf",
+        "_pfill",
+        "_pos",
+        "_state",
+        "_version",
+        "max_nv_size",
+        "max_payload",
+        "max_version",
+    )
+
+    #: Compact the receive buffer once this many consumed bytes precede the
+    #: read offset (and they are at least half of the buffer).
+    COMPACT_THRESHOLD: Final = 64 * 1024
+
+    def __init__(
+        self,
+        max_version: int = HAST_PROTO_VERSION,
+        max_nv_size: int = DEFAULT_MAX_NV_SIZE,
+        max_payload: int = DEFAULT_MAX_PAYLOAD,
+    ) -> None:
+        self.max_version = max_version
+        self.max_nv_size = max_nv_size
+        self.max_payload = max_payload
+        self._buf = bytearray()
+        self._pos = 0
+        self._state = DecoderState.HEADER
+        self._version = 0
+        self._nvsize = 0
+        self._nv: NV | None = None
+        self._pbuf: bytearray | None = None
+        self._pfill = 0
+
+    @property
+    def state(self) -> DecoderState:
+        """Current state of the receive state machine."""
+        return self._state
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as part of a frame."""
+        return len(self._buf) - self._pos + self._pfill
+
+    @property
+    def at_frame_boundary(self) -> bool:
+        """True if no partial frame is pending (an EOF now would be clean)."""
+        return self._state is DecoderState.HEADER and self._pos == len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add received bytes.  Cheap: parsing happens in :meth:`next_frame`."""
+        if self._state is DecoderState.ERROR:
+            raise FrameError("Frame decoder is in the error state.")
+        pbuf = self._pbuf
+        if pbuf is not None:
+            # PAYLOAD state: the receive buffer is empty; copy straight in.
+            need = len(pbuf) - self._pfill
+            with memoryview(data) as view:
+                mv = view.cast("B") if view.ndim != 1 or view.itemsize != 1 else view
+                n = mv.nbytes
+                if n <= need:
+                    pbuf[self._pfill : self._pfill + n] = mv
+                    self._pfill += n
+                    return
+                pbuf[self._pfill :] = mv[:need]
+                self._pfill += need
+                self._buf += mv[need:]
+            return
+        self._buf += data
+
+    def next_frame(self) -> Frame | NeedData:
+        """Return the next complete frame, or NEED_DATA.  Raises ProtocolError."""
+        state = self._state
+        if state is DecoderState.ERROR:
+            raise FrameError("Frame decoder is in the error state.")
+        try:
+            if state is DecoderState.HEADER:
+                if len(self._buf) - self._pos < HEADER_SIZE:
+                    return NEED_DATA
+                version, nvsize = _HEADER.unpack_from(self._buf, self._pos)
+                _check_header(version, nvsize, self.max_version, self.max_nv_size)
+                self._pos += HEADER_SIZE
+                self._version = version
+                self._nvsize = nvsize
+                self._state = state = DecoderState.NV
+            if state is DecoderState.NV:
+                pos = self._pos
+                end = pos + self._nvsize
+                if len(self._buf) < end:
+                    return NEED_DATA
+                with memoryview(self._buf) as view:
+                    raw = bytes(view[pos:end])
+                self._pos = end
+                nv = NV.decode(raw)
+                size = payload_size(nv, self.max_payload)
+                if size == 0:
+                    return self._finish(Frame(self._version, nv, None))
+                self._nv = nv
+                self._start_payload(size)
+                state = DecoderState.PAYLOAD
+            # PAYLOAD
+            pbuf = self._pbuf
+            assert pbuf is not None and self._nv is not None
+            if self._pfill < len(pbuf):
+                return NEED_DATA
+            frame = Frame(self._version, self._nv, memoryview(pbuf).toreadonly())
+            self._nv = None
+            self._pbuf = None
+            self._pfill = 0
+            return self._finish(frame)
+        except ProtocolError:
+            self._state = DecoderState.ERROR
+            raise
+
+    def _start_payload(self, size: int) -> None:
+        pbuf = bytearray(size)
+        pos = self._pos
+        take = min(size, len(self._buf) - pos)
+        if take:
+            with memoryview(self._buf) as view:
+                pbuf[:take] = view[pos : pos + take]
+            self._pos = pos + take
+        self._pbuf = pbuf
+        self._pfill = take
+        self._state = DecoderState.PAYLOAD
+        self._compact()
+
+    def _finish(self, frame: Frame) -> Frame:
+        self._state = DecoderState.HEADER
+        self._compact()
+        return frame
+
+    def _compact(self) -> None:
+        pos = self._pos
+        buf = self._buf
+        if pos == len(buf):
+            if pos:
+                buf.clear()
+                self._pos = 0
+        elif pos >= self.COMPACT_THRESHOLD and 2 * pos >= len(buf):
+            del buf[:pos]
+            self._pos = 0
