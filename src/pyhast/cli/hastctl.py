@@ -11,7 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from pyhast.cli import cmd_create, cmd_dump
+from pyhast.cli import cmd_create, cmd_dump, cmd_list, cmd_role, cmd_status
 from pyhast.cli.common import HastctlParser, add_common_options
 from pyhast.errors import ExitCode
 from pyhast.log import setup_logging
@@ -19,6 +19,9 @@ from pyhast.log import setup_logging
 SUBCOMMANDS: dict[str, tuple[ModuleType, str]] = {
     "create": (cmd_create, "initialise the metadata of local components"),
     "dump": (cmd_dump, "print the on-disk metadata of local components"),
+    "role": (cmd_role, "change the role of resources"),
+    "list": (cmd_list, "show the configuration and state of resources, verbosely"),
+    "status": (cmd_status, "show the state of resources, one line each"),
 }
 
 
