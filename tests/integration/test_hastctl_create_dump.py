@@ -128,7 +128,10 @@ def test_unknown_resource_and_missing_provider(tmp_path: Path, image: Path) -> N
     res = hastctl("create", "-c", conf, "r1", node="nodea")
     assert res.returncode == 66
     assert "missing.img" in res.stderr
-    # dump all: r0 never created (all zeros) -> 66 with a sentence.
+    # dump all: r0 wiped (all zeros, never created) -> 66 with a sentence.
+    with open(image, "r+b") as f:
+        f.truncate(0)
+        f.truncate(256 * MiB)
     res = hastctl("dump", "-c", conf, node="nodea")
     assert res.returncode == 66
     assert "no HAST metadata" in res.stderr
