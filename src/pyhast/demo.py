@@ -45,7 +45,7 @@ def main() -> int:
         config = os.path.join(tmp, "hast.conf")
         with open(config, "w") as f:
             f.write(CONFIG.format(dir=tmp))
-        for node, name in (("nodea", "demo-a.img"), ("nodeb", "demo-b.img")):
+        for name in ("demo-a.img", "demo-b.img"):
             with open(os.path.join(tmp, name), "wb") as f:
                 f.truncate(256 * 1024 * 1024)
         for node in ("nodea", "nodeb"):

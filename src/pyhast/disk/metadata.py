@@ -126,7 +126,9 @@ def metadata_read(provider: Provider, resource: str | None = None) -> Metadata:
     try:
         block = os.pread(provider.fd, METADATA_SIZE, 0)
     except OSError as exc:
-        raise MetadataError(f"Unable to read metadata from {provider.path}: {exc.strerror}.") from exc
+        raise MetadataError(
+            f"Unable to read metadata from {provider.path}: {exc.strerror}."
+        ) from exc
     if len(block) != METADATA_SIZE:
         raise MetadataError(
             f"Unable to read metadata from {provider.path}: the provider is too small."
@@ -144,7 +146,9 @@ def metadata_write(provider: Provider, md: Metadata) -> None:
     try:
         provider.pwrite(block, 0)
     except OSError as exc:
-        raise MetadataError(f"Unable to write metadata to {provider.path}: {exc.strerror}.") from exc
+        raise MetadataError(
+            f"Unable to write metadata to {provider.path}: {exc.strerror}."
+        ) from exc
 
 
 class CreateError(HastError):
@@ -234,7 +238,9 @@ def bitmap_read(provider: Provider, md: Metadata) -> bytes:
     try:
         return provider.pread(md.mapsize, METADATA_SIZE)
     except OSError as exc:
-        raise MetadataError(f"Unable to read activemap from {provider.path}: {exc.strerror}.") from exc
+        raise MetadataError(
+            f"Unable to read activemap from {provider.path}: {exc.strerror}."
+        ) from exc
 
 
 def bitmap_write(provider: Provider, bitmap: bytes | bytearray | memoryview) -> None:

@@ -51,7 +51,12 @@ class LocalComponent:
 
     @classmethod
     def open(
-        cls, path: str, resource: str, *, metaflush: bool, log: logging.LoggerAdapter[logging.Logger]
+        cls,
+        path: str,
+        resource: str,
+        *,
+        metaflush: bool,
+        log: logging.LoggerAdapter[logging.Logger],
     ) -> LocalComponent:
         provider = Provider.open(path)
         try:

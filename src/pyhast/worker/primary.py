@@ -142,7 +142,7 @@ class PrimaryDevice:
             self.log.debug("Increasing localcnt to %d.", md.localcnt)
             try:
                 self.local.metadata_write()
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 self.log.error("Unable to write metadata: %s", exc)
 
     # -- reads -------------------------------------------------------------------
@@ -199,7 +199,10 @@ class PrimaryDevice:
             if lerr:
                 self.stats.write_error += 1
                 self.log.error(
-                    "Local write of %d bytes at %d failed: %s.", length, offset, errno.errorcode.get(lerr)
+                    "Local write of %d bytes at %d failed: %s.",
+                    length,
+                    offset,
+                    errno.errorcode.get(lerr),
                 )
             if req is not None:
                 self.remote_inflight += 1

@@ -144,7 +144,7 @@ class RemoteComponent:
         if self.connected:
             try:
                 await self.out.drain(timeout)
-            except Exception as exc:  # noqa: BLE001 - any failure means the link is gone
+            except Exception as exc:
                 self.disconnect(f"Unable to send to the secondary: {exc}")
 
     # -- receiving ---------------------------------------------------------------
