@@ -200,9 +200,7 @@ def decide(
     p_local, p_remote = hello.localcnt, hello.remotecnt
     if s_resuid == 0:
         if hello.virgin:
-            return Decision(
-                bitmap="none", virgin=True, adopt_resuid=hello.resuid, note="virgin"
-            )
+            return Decision(bitmap="none", virgin=True, adopt_resuid=hello.resuid, note="virgin")
         return Decision(bitmap="full", virgin=True, adopt_resuid=hello.resuid, note="new")
     if s_resuid != hello.resuid:
         return Decision(
