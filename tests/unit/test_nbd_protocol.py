@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from pyhast.errors import ProtocolError
+from pyhast.frontend.eager import _resume
 from pyhast.frontend.nbd.backend import BlockBackend, FileBackend
 from pyhast.frontend.nbd.protocol import (
     DIRECT_PAYLOAD_THRESHOLD,
@@ -35,7 +36,6 @@ from pyhast.frontend.nbd.protocol import (
     transmission_flags,
     validate_request,
 )
-from pyhast.frontend.nbd.server import _resume
 
 MiB = 1024 * 1024
 

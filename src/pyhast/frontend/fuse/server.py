@@ -43,11 +43,12 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Coroutine, Generator
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from pyhast.errors import ProtocolError
+from pyhast.frontend.eager import start_eager
 from pyhast.frontend.fuse import protocol as proto
 from pyhast.frontend.fuse.protocol import (
     FALLOC_FL_KEEP_SIZE,
@@ -93,45 +94,6 @@ class FuseStats:
     bytes_read: int = 0
     bytes_written: int = 0
     errors: int = 0  #: requests answered with an error
-
-
-class _Rest:
-    """Await the rest of a coroutine that was started by hand and suspended.
-
-    ``first`` is what the coroutine yielded when it suspended; it is handed
-    to the running task as if the coroutine had yielded it there, and the
-    rest is delegated like ``yield from``.
-    """
-
-    __slots__ = ("_coro", "_first")
-
-    def __init__(self, coro: Coroutine[Any, Any, None], first: Any) -> None:
-        self._coro = coro
-        self._first = first
-
-    def __await__(self) -> Generator[Any, Any, None]:
-        coro = self._coro
-        value = self._first
-        while True:
-            try:
-                sent = yield value
-            except GeneratorExit:
-                coro.close()
-                raise
-            except BaseException as exc:
-                try:
-                    value = coro.throw(exc)
-                except StopIteration:
-                    return
-            else:
-                try:
-                    value = coro.send(sent)
-                except StopIteration:
-                    return
-
-
-async def _finish(rest: _Rest) -> None:
-    await rest
 
 
 def _errno_of(exc: OSError) -> int:
@@ -308,14 +270,8 @@ class FuseServer:
         coro = handler(req)
         if coro is None:
             return
-        try:
-            first = coro.send(None)
-        except StopIteration:
-            return
         assert self._loop is not None
-        task = self._loop.create_task(_finish(_Rest(coro, first)))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        start_eager(self._loop, coro, self._tasks)
 
     # -- replies ------------------------------------------------------------
 

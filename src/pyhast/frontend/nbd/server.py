@@ -45,11 +45,11 @@ import itertools
 import logging
 import os
 import stat
-from collections.abc import Coroutine, Generator, Mapping
-from typing import Any
+from collections.abc import Mapping
 from urllib.parse import quote
 
 from pyhast.errors import ProtocolError
+from pyhast.frontend.eager import start_eager
 from pyhast.frontend.nbd.backend import BlockBackend
 from pyhast.frontend.nbd.protocol import (
     NEED_DATA,
@@ -90,34 +90,6 @@ _TRIM = int(Cmd.TRIM)
 _WRITE_ZEROES = int(Cmd.WRITE_ZEROES)
 _FUA = int(CmdFlag.FUA)
 _NO_HOLE = int(CmdFlag.NO_HOLE)
-
-
-def _resume(coro: Coroutine[Any, Any, None], first: Any) -> Generator[Any, Any, None]:
-    """Run the rest of a coroutine that was started by hand and suspended.
-
-    ``first`` is what the coroutine yielded when it suspended (the future it
-    waits on).  Wrapped in a task, this generator hands ``first`` to the task
-    exactly as if the coroutine had yielded it there, then delegates every
-    send and throw like ``yield from`` (asyncio accepts generator-based
-    coroutines as tasks in 3.11; one frame less than an async wrapper).
-    """
-    value = first
-    while True:
-        try:
-            sent = yield value
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:
-            try:
-                value = coro.throw(exc)
-            except StopIteration:
-                return
-        else:
-            try:
-                value = coro.send(sent)
-            except StopIteration:
-                return
 
 
 class _Connection(asyncio.BufferedProtocol):
@@ -332,14 +304,7 @@ class _Connection(asyncio.BufferedProtocol):
         nbytes = req.length if req.type == _READ or req.type == _WRITE else 0
         self._inflight += 1
         self._inflight_bytes += nbytes
-        coro = self._execute(req, nbytes)
-        try:
-            first = coro.send(None)
-        except StopIteration:
-            return
-        task = self._loop.create_task(_resume(coro, first))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        start_eager(self._loop, self._execute(req, nbytes), self._tasks)
 
     async def _execute(self, req: Request, nbytes: int) -> None:
         """Run one validated request on the backend and queue its reply."""
