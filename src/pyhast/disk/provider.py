@@ -121,6 +121,10 @@ class Provider:
         With ``lock``, take an exclusive non-blocking flock; a provider that
         does not support locking is used unlocked (``locked`` is then False and
         the caller should warn, as hastd does). Raises ProviderError.
+
+        When the environment variable ``PYHAST_FAULTS`` names a control file,
+        the provider's I/O methods consult its fault rules (tests only; see
+        :mod:`pyhast.disk.faults`).
         """
         flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
         try:
@@ -165,7 +169,7 @@ class Provider:
         except BaseException:
             os.close(fd)
             raise
-        return cls(
+        provider = cls(
             path,
             fd,
             mediasize,
@@ -174,6 +178,13 @@ class Provider:
             readonly=readonly,
             locked=locked,
         )
+        control = os.environ.get("PYHAST_FAULTS")
+        if control:
+            # Test-only fault injection (pyhast.disk.faults); nothing when unset.
+            from pyhast.disk.faults import install
+
+            install(provider, control)
+        return provider
 
     # ------------------------------------------------------------------
     # Data I/O
