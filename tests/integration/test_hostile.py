@@ -446,21 +446,18 @@ def test_connection_flood(cl: Cluster) -> None:
     finally:
         for s in socks:
             s.close()
-    assert count(cl, "nodeb", r"Connection from tcp4://127\.0\.0\.1:\d+\.", since) >= FLOOD
+    # One sentence for the whole flood (the address was logged at most once
+    # more, with a count, if an earlier test's connection opened the window).
+    assert count(cl, "nodeb", r"Connection from tcp4://127\.0\.0\.1:\d+", since) <= 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a flood of connections is logged one INFO line per connection "
-    "('Connection from X.'), not once: any admitted address can flood the log",
-)
 def test_connection_flood_is_logged_once(cl: Cluster) -> None:
     since = cl.mark("nodeb")
     for s in flood(cl, 50):
         s.close()
-    first = cl.wait_log_re("nodeb", r"Connection from tcp4://127\.0\.0\.1:\d+\.", since=since)
-    assert first
-    assert count(cl, "nodeb", r"Connection from tcp4://127\.0\.0\.1:\d+\.", since) == 1
+    # Every connection was accepted (flood() checks it) and the primary's
+    # address is logged at most once per 10 s, however many connect.
+    assert count(cl, "nodeb", r"\[INFO\] Connection from tcp4://127\.0\.0\.1:\d+", since) <= 1
 
 
 # --------------------------------------------------------------------------

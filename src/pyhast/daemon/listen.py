@@ -54,6 +54,10 @@ MAX_HANDSHAKE_NV = 64 * 1024
 _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
+#: Seconds during which further connections from one address are not logged.
+LOG_INTERVAL = 10.0
+
+
 class Listener:
     """Serves the listen sockets of hastd for one :class:`Supervisor`."""
 
@@ -63,6 +67,27 @@ class Listener:
         self._sockets: dict[str, tuple[socket.socket, asyncio.Task[None]]] = {}
         self._connections: set[asyncio.Task[None]] = set()
         self._warned: set[str] = set()
+        #: peer ip -> (time of the last INFO line, connections not logged since)
+        self._seen: dict[str, tuple[float, int]] = {}
+
+    def _log_connection(self, sock: socket.socket, peer: str) -> None:
+        """ "Connection from X." at most once per LOG_INTERVAL per peer address.
+
+        A flood of connections from one address is one sentence, followed by
+        a count when that address is next logged.
+        """
+        key = _peer_key(sock, peer)
+        now = asyncio.get_running_loop().time()
+        last, quiet = self._seen.get(key, (float("-inf"), 0))
+        if now - last < LOG_INTERVAL:
+            self._seen[key] = (last, quiet + 1)
+            log.debug("Another connection from %s.", peer)
+            return
+        self._seen[key] = (now, 0)
+        if quiet:
+            log.info("Connection from %s (%d more from this address were not logged).", peer, quiet)
+        else:
+            log.info("Connection from %s.", peer)
 
     @property
     def addresses(self) -> list[str]:
@@ -142,7 +167,7 @@ class Listener:
             else:
                 log.debug("Client %s isn't known.", peer)
             return False
-        log.info("Connection from %s.", peer)
+        self._log_connection(sock, peer)
         chan = FramedSocket(sock, max_nv_size=MAX_HANDSHAKE_NV)
         try:
             frame = await asyncio.wait_for(chan.recv(), ACCEPT_TIMEOUT)
