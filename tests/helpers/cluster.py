@@ -21,12 +21,35 @@ What it sets up:
   answered), never slept for;
 * :meth:`Cluster.close` stops every hastd (SIGTERM, then SIGKILL) and prints
   every log, which pytest shows for failing tests only.  Used as a context
-  manager, an exception also dumps the logs to stderr.
+  manager, an exception also dumps the logs to stderr.  Workers that outlive
+  their hastd are killed there (and reported).
+
+For replication tests:
+
+* ``resource_options`` adds lines to a resource's block (``replication
+  async``, ``checksum sha256``...); ``reconnect_interval`` (default 0.5 s)
+  is passed as PYHAST_RECONNECT_INTERVAL to both daemons;
+* :meth:`Cluster.start_pair` creates, starts, sets roles and waits for
+  'complete' on both nodes;
+* :meth:`Cluster.status` asks the control socket directly (cheap enough to
+  poll) and returns the ``hastctl status --json`` entry;
+  :meth:`Cluster.wait_status`, :meth:`Cluster.wait_complete`,
+  :meth:`Cluster.wait_synced` poll it with a deadline;
+* :meth:`Cluster.kill9` SIGKILLs a node's hastd and its workers;
+  :meth:`Cluster.kill_worker` signals one worker; :meth:`Cluster.worker_pids`
+  lists a node's workers (from /proc);
+* :meth:`Cluster.mark` + ``since=`` in :meth:`Cluster.wait_log` /
+  :meth:`Cluster.wait_log_re` look only at what a node logged after a point;
+* :func:`make_hook` / :func:`hook_lines`: an ``exec`` hook writing
+  ``<node> <args>`` lines (hastd's environment has HAST_TEST_NODE).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -34,14 +57,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import TextIO, TypeVar
+from typing import Any, TextIO, TypeVar
 
 import pytest
 
+from pyhast.cli.control_client import request as control_request
 from pyhast.wire.control import ControlRequest
 from pyhast.wire.frame import NEED_DATA, FrameDecoder, encode_frame
 
@@ -124,8 +148,16 @@ class Cluster:
         exec_path: str | None = None,
         size: int = 16 * MiB,
         extra_global: str = "",
+        resource_options: Mapping[str, Sequence[str]] | None = None,
+        reconnect_interval: float | None = 0.5,
     ) -> None:
         self.tmp = tmp
+        #: Extra lines for a resource's block (``replication async``, ...).
+        self.resource_options: dict[str, list[str]] = {
+            k: list(v) for k, v in (resource_options or {}).items()
+        }
+        #: PYHAST_RECONNECT_INTERVAL for the daemons (None: the 10 s default).
+        self.reconnect_interval = reconnect_interval
         # UNIX socket paths are limited to 107 bytes: keep them short.
         self.sockdir = Path(tempfile.mkdtemp(prefix="hast", dir="/tmp"))
         self.conf = tmp / "hast.conf"
@@ -144,6 +176,7 @@ class Cluster:
             )
         self.resources = list(resources)
         self.size = size
+        self._all_workers: set[int] = set()
         self.write_config()
 
     # --- configuration -------------------------------------------------------
@@ -175,6 +208,7 @@ class Cluster:
             ]
         for res in self.resources if resources is None else resources:
             lines.append(f"resource {res} {{")
+            lines += [f"        {opt}" for opt in self.resource_options.get(res, ())]
             for node, peer in ((a, b), (b, a)):
                 lines += [
                     f"        on {node.name} {{",
@@ -219,10 +253,18 @@ class Cluster:
                 stdin=subprocess.DEVNULL,
                 stdout=logf,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                env=self.env(node),
             )
         self.wait_ready(node, timeout)
         return n.proc
+
+    def env(self, node: str) -> dict[str, str]:
+        """hastd's environment (hooks inherit it: ``HAST_TEST_NODE`` names the node)."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HAST_TEST_NODE": node}
+        env.pop("PYHAST_RECONNECT_INTERVAL", None)
+        if self.reconnect_interval is not None:
+            env["PYHAST_RECONNECT_INTERVAL"] = str(self.reconnect_interval)
+        return env
 
     def wait_ready(self, node: str, timeout: float = 30.0) -> None:
         n = self.nodes[node]
@@ -242,11 +284,16 @@ class Cluster:
         proc.send_signal(signo)
 
     def stop(self, node: str, timeout: float = 30.0) -> int | None:
-        """SIGTERM hastd (SIGKILL after ``timeout``); its exit status (None: not started)."""
+        """SIGTERM hastd (SIGKILL after ``timeout``); its exit status (None: not started).
+
+        Workers that outlive their parent (they should not) are killed and
+        reported by :meth:`close`.
+        """
         proc = self.nodes[node].proc
         if proc is None:
             return None
         if proc.poll() is None:
+            self._remember_workers(node)
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout)
@@ -254,6 +301,57 @@ class Cluster:
                 proc.kill()
                 proc.wait(10)
         return proc.returncode
+
+    def worker_pids(self, node: str) -> dict[int, tuple[str, str]]:
+        """The running worker processes of ``node``'s hastd: pid -> (resource, role)."""
+        proc = self.nodes[node].proc
+        if proc is None or proc.poll() is not None:
+            return {}
+        out: dict[int, tuple[str, str]] = {}
+        for pid in _children(proc.pid):
+            argv = _cmdline(pid)
+            # A worker sets its title to "hastd: <resource> (<role>)" (which
+            # replaces its command line) early in its start-up.
+            m = re.fullmatch(r"hastd: (\S+) \((primary|secondary)\)", " ".join(argv))
+            if m is not None:
+                out[pid] = (m.group(1), m.group(2))
+                continue
+            if "pyhast.worker" not in argv:
+                continue
+            try:
+                role = argv[argv.index("--role") + 1]
+                resource = json.loads(argv[argv.index("--resource") + 1])["name"]
+            except (ValueError, IndexError, KeyError, json.JSONDecodeError):
+                continue
+            out[pid] = (str(resource), role)
+        return out
+
+    def _remember_workers(self, node: str) -> None:
+        for pid in self.worker_pids(node):
+            self._all_workers.add(pid)
+
+    def kill9(self, node: str, *, workers: bool = True) -> list[int]:
+        """SIGKILL ``node``'s hastd and (``workers``) every worker it runs; their pids."""
+        n = self.nodes[node]
+        assert n.proc is not None and n.proc.poll() is None, f"hastd {node} is not running"
+        pids = list(self.worker_pids(node)) if workers else []
+        self._remember_workers(node)
+        # Workers first, so that none sees its parent go and exits cleanly.
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        n.proc.kill()
+        n.proc.wait(10)
+        for pid in pids:
+            wait_for(_dead(pid), 10, what=f"worker {pid} to die")
+        return pids
+
+    def kill_worker(self, node: str, resource: str, signo: int | None = None) -> int:
+        """Send ``signo`` (default SIGKILL) to ``resource``'s worker on ``node``; its pid."""
+        pid = self.status(node, resource)["workerpid"]
+        assert pid, f"{resource} has no worker on {node}"
+        os.kill(pid, signal.SIGKILL if signo is None else signo)
+        return int(pid)
 
     def hastctl(
         self, node: str, command: str, *args: str, timeout: float = 60.0
@@ -272,6 +370,91 @@ class Cluster:
         ]
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
 
+    def start_pair(self, *resources: str, primary: str = "nodea") -> None:
+        """The usual start: ``hastctl create`` on both nodes, both hastd, the
+        other node secondary, ``primary`` primary, then 'complete' on both."""
+        secondary = "nodeb" if primary == "nodea" else "nodea"
+        names = list(resources) or self.resources
+        self.create()
+        self.start("nodea")
+        self.start("nodeb")
+        self.role(secondary, "secondary", *names)
+        self.role(primary, "primary", *names)
+        for res in names:
+            self.wait_complete(primary, res)
+            self.wait_complete(secondary, res)
+
+    def role(self, node: str, role: str, *resources: str) -> None:
+        """``hastctl role <role> <resources>`` (default: all); must succeed."""
+        res = self.hastctl(node, "role", role, *(resources or ("all",)))
+        assert res.returncode == 0, f"hastctl role {role} on {node} failed:\n{res.stderr}"
+
+    def status(self, node: str, resource: str) -> dict[str, Any]:
+        """``resource``'s status on ``node``, as ``hastctl status --json`` prints it.
+
+        Asked on the control socket from this process (no interpreter start),
+        so it is cheap enough to poll.
+        """
+        reply = control_request(
+            f"uds://{self.nodes[node].control}", ControlRequest.status([resource]), timeout=10
+        )
+        assert len(reply.statuses) == 1, reply
+        doc = reply.statuses[0].to_json()
+        assert doc["error"] == 0, doc
+        return doc
+
+    def wait_status(
+        self,
+        node: str,
+        resource: str,
+        predicate: Callable[[dict[str, Any]], object],
+        timeout: float = 30.0,
+        what: str = "status",
+    ) -> dict[str, Any]:
+        """Poll ``resource``'s status on ``node`` until ``predicate(status)``; the status."""
+        last: list[dict[str, Any]] = []
+
+        def check() -> dict[str, Any] | None:
+            st = self.status(node, resource)
+            last[:] = [st]
+            return st if predicate(st) else None
+
+        try:
+            return wait_for(check, timeout, what=f"{what} of {resource} on {node}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc} Last status: {last[0] if last else None}") from None
+
+    def wait_complete(self, node: str, resource: str, timeout: float = 30.0) -> dict[str, Any]:
+        return self.wait_status(
+            node, resource, lambda st: st["status"] == "complete", timeout, "'complete'"
+        )
+
+    def wait_synced(
+        self, resource: str, timeout: float = 60.0, node: str = "nodea"
+    ) -> dict[str, Any]:
+        """Wait until ``node``'s primary is connected, nothing dirty, nothing in flight."""
+        return self.wait_status(
+            node,
+            resource,
+            lambda st: (
+                st["status"] == "complete"
+                and st["dirty"] == 0
+                and not st["sync_left"]
+                and not st["send_queue_size"]
+                and not st["recv_queue_size"]
+            ),
+            timeout,
+            "in sync",
+        )
+
+    def nbd_uri(self, node: str, resource: str) -> str:
+        """Where ``node``'s primary serves ``resource`` (waits until it does)."""
+        st = self.wait_status(node, resource, lambda st: st["nbd_uri"], 30, "an nbd_uri")
+        return str(st["nbd_uri"])
+
+    def local(self, node: str, resource: str) -> Path:
+        return self.provider(node, resource)
+
     def create(self, *extra: str) -> None:
         """``hastctl create`` every resource on both nodes (``extra``: -e/-k/-m options)."""
         for node in self.nodes:
@@ -284,12 +467,30 @@ class Cluster:
         path = self.nodes[node].log
         return path.read_text(errors="replace") if path.exists() else ""
 
-    def wait_log(self, node: str, text: str, timeout: float = 20.0, count: int = 1) -> str:
-        """Poll ``node``'s log until ``text`` appears ``count`` times; the log."""
+    def mark(self, node: str) -> int:
+        """The current length of ``node``'s log (for ``since=`` below)."""
+        return len(self.log(node))
+
+    def wait_log(
+        self, node: str, text: str, timeout: float = 20.0, count: int = 1, since: int = 0
+    ) -> str:
+        """Poll ``node``'s log (from offset ``since``) until ``text`` appears ``count``
+        times; that part of the log."""
         return wait_for(
-            lambda: log if (log := self.log(node)).count(text) >= count else None,
+            lambda: log if (log := self.log(node)[since:]).count(text) >= count else None,
             timeout,
             what=f"{text!r} in the log of {node}",
+        )
+
+    def wait_log_re(
+        self, node: str, pattern: str, timeout: float = 20.0, since: int = 0
+    ) -> re.Match[str]:
+        """Poll ``node``'s log (from ``since``) for the regular expression; the match."""
+        rx = re.compile(pattern)
+        return wait_for(
+            lambda: rx.search(self.log(node)[since:]),
+            timeout,
+            what=f"/{pattern}/ in the log of {node}",
         )
 
     def dump_logs(self, out: TextIO | None = None) -> None:
@@ -305,6 +506,11 @@ class Cluster:
             for name in self.nodes:
                 self.stop(name)
         finally:
+            leftovers = [pid for pid in sorted(self._all_workers) if _alive(pid)]
+            for pid in leftovers:
+                print(f"worker {pid} outlived its hastd: killed")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             self.dump_logs()
             shutil.rmtree(self.sockdir, ignore_errors=True)
 
@@ -320,6 +526,68 @@ class Cluster:
         if exc is not None:
             self.dump_logs(sys.stderr)
         self.close()
+
+
+# A script cannot see its argv[0] (the kernel hands the interpreter the
+# path); each line is "<node> <argv[1:]>", the node from hastd's environment.
+HOOK_SCRIPT = """#!/bin/sh
+echo "$HAST_TEST_NODE $*" >> {out}
+"""
+
+
+def make_hook(tmp: Path) -> tuple[Path, Path]:
+    """An ``exec`` hook that appends ``<node> <args>`` lines to a file: (script, file)."""
+    out = tmp / "hook.out"
+    script = tmp / "hook.sh"
+    script.write_text(HOOK_SCRIPT.format(out=out))
+    script.chmod(0o755)
+    return script, out
+
+
+def hook_lines(out: Path, node: str | None = None) -> list[str]:
+    """The hook's lines so far (of ``node`` only, without the node name, if given)."""
+    lines = out.read_text().splitlines() if out.exists() else []
+    if node is None:
+        return lines
+    prefix = f"{node} "
+    return [line[len(prefix) :] for line in lines if line.startswith(prefix)]
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            continue
+    return out
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
+def _dead(pid: int) -> Callable[[], bool]:
+    return lambda: not _alive(pid)
+
+
+def _alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state not in ("Z", "X")
 
 
 def cluster_fixture(**kwargs: object) -> Callable[..., Iterator[Cluster]]:

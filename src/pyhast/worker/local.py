@@ -44,6 +44,8 @@ class LocalComponent:
         # until a write that started at or after g has completed.
         self._map_gen = 0
         self._map_written = 0
+        #: Generation of the last write that added bits (see bitmap_settled).
+        self._map_need = 0
         self._map_lock = asyncio.Lock()
         self.stat_activemap_update = 0
         self.stat_write_error = 0
@@ -106,14 +108,33 @@ class LocalComponent:
         """Start-up: every extent dirty on disk will be synchronised."""
         self.activemap.load(bitmap_read(self.provider, self.md)[: self.activemap.mapsize])
 
-    async def bitmap_flush(self) -> None:
+    async def bitmap_settled(self) -> None:
+        """Return once every bitmap write that adds bits, asked for so far, has
+        completed (or failed).
+
+        A write whose ``write_start`` added nothing to the image may still
+        depend on a bitmap write another request started and has not
+        finished (same extent): it must not be dispatched before that one.
+        Free when no such write is outstanding (lazy ones do not count).
+        """
+        if self._map_written >= self._map_need:
+            return
+        # Every writer that asked before us is queued on (or holds) the lock,
+        # which is FIFO: once we hold it, they are done.
+        async with self._map_lock:
+            pass
+
+    async def bitmap_flush(self, *, lazy: bool = False) -> None:
         """Write the activemap image (and flush it with metaflush) before returning.
 
         Concurrent callers share writes: a caller returns once a write that
-        began after its own change has completed.
+        began after its own change has completed.  ``lazy``: the image only
+        lost bits (nothing waits for this write, see :meth:`bitmap_settled`).
         """
         self._map_gen += 1
         want = self._map_gen
+        if not lazy:
+            self._map_need = want
         async with self._map_lock:
             if self._map_written >= want:
                 return

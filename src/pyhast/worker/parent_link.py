@@ -76,10 +76,12 @@ class ParentLink:
         nv = NV()
         nv.add_uint8("event", int(event))
         async with self._event_lock:
-            self.event.send_frame(nv)
             try:
+                self.event.send_frame(nv)
                 await self.event.recv_frame(EVENT_ACK_TIMEOUT)
             except Exception:
+                # The parent is gone (the ctrl channel's loss stops us) or
+                # slow: an event must never break the caller.
                 pass
 
     async def request_connection(self) -> socket.socket:

@@ -124,13 +124,25 @@ class PrimaryDevice:
             e in self.local_stale for e in self._extents(offset, length)
         )
 
+    async def _write_start(self, offset: int, length: int) -> None:
+        """Write-ahead rule: the extent is dirty on disk before any data moves.
+
+        Also when this write added nothing to the image: an earlier write to
+        the same extent may have asked for the bitmap write that covers it
+        and still be waiting for it to complete.
+        """
+        if self.am.write_start(offset, length):
+            await self._bitmap_flush_logged()
+        else:
+            await self.local.bitmap_settled()
+
     async def _mark_need_sync(self, offset: int, length: int) -> None:
         if self.am.need_sync(offset, length):
             await self._bitmap_flush_logged()
 
-    async def _bitmap_flush_logged(self) -> None:
+    async def _bitmap_flush_logged(self, *, lazy: bool = False) -> None:
         try:
-            await self.local.bitmap_flush()
+            await self.local.bitmap_flush(lazy=lazy)
         except OSError:
             pass  # logged by bitmap_flush; the in-memory map still tracks it
 
@@ -182,8 +194,7 @@ class PrimaryDevice:
         await self._lock_regular(offset, length)
         released = False
         try:
-            if self.am.write_start(offset, length):
-                await self._bitmap_flush_logged()
+            await self._write_start(offset, length)
             mode = self.replication
             # Local and remote dispatch back to back: same order on both.
             try:
@@ -265,7 +276,7 @@ class PrimaryDevice:
 
     def _complete(self, offset: int, length: int) -> None:
         if self.am.write_complete(offset, length):
-            asyncio.get_running_loop().create_task(self._bitmap_flush_logged())
+            asyncio.get_running_loop().create_task(self._bitmap_flush_logged(lazy=True))
 
     # -- delete, zeroes, flush -------------------------------------------------
 
@@ -273,8 +284,7 @@ class PrimaryDevice:
         self.stats.delete += 1
         await self._lock_regular(offset, length)
         try:
-            if self.am.write_start(offset, length):
-                await self._bitmap_flush_logged()
+            await self._write_start(offset, length)
             try:
                 self.local.delete(offset, length)
                 lerr = 0

@@ -75,6 +75,10 @@ class PrimaryWorker:
         self.exit_code = ExitCode.OK
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        #: Set when the worker stops on purpose: its own disconnection and the
+        #: end of a synchronisation are not events then (FreeBSD's worker
+        #: exits on SIGTERM without any), so hooks never depend on a race.
+        self.exiting = False
 
     @property
     def nbd_socket(self) -> str:
@@ -102,6 +106,12 @@ class PrimaryWorker:
         md.prevrole = Role.PRIMARY
         local.metadata_write()
         self.dev = dev = PrimaryDevice(local, replication=res.replication, log=self.log)
+        # Until a handshake tells us, the peer's counters are the mirror of
+        # ours (what the last completed synchronisation left): so the first
+        # write without the peer bumps localcnt even if this worker never
+        # saw the peer, and a later split-brain is detected as one.
+        dev.secondary_localcnt = md.remotecnt
+        dev.secondary_remotecnt = md.localcnt
         self.parent.serve_ctrl(self._ctrl, self._ctrl_lost)
         os.makedirs(self.rundir, mode=0o755, exist_ok=True)
         self.nbd = NBDServer({res.provname: dev}, unix_path=self.nbd_socket)
@@ -121,6 +131,7 @@ class PrimaryWorker:
         return int(self.exit_code)
 
     async def _shutdown(self) -> None:
+        self.exiting = True
         if self.nbd is not None:
             await self.nbd.close()
         if self.sync_task is not None:
@@ -256,13 +267,17 @@ class PrimaryWorker:
         self.log.warning("Disconnected from %s: %s", self.res.remoteaddr, reason)
         if self.sync_task is not None and not self.sync_task.done():
             self.sync_task.cancel()
-        self._spawn(self.parent.send_event(Event.DISCONNECT))
+        self._spawn(self._event(Event.DISCONNECT))
+
+    async def _event(self, event: Event) -> None:
+        if not self.exiting:
+            await self.parent.send_event(event)
 
     def _start_sync(self) -> None:
         dev = self.dev
         assert dev is not None
         if self.sync is None:
-            self.sync = Synchronizer(dev, send_event=self.parent.send_event, log=self.log)
+            self.sync = Synchronizer(dev, send_event=self._event, log=self.log)
         self.sync_task = asyncio.get_running_loop().create_task(self.sync.run())
 
     # -- ctrl: status and reload -----------------------------------------------------

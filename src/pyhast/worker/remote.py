@@ -24,6 +24,7 @@ from pyhast.defaults import HAST_PROTO_VERSION
 from pyhast.enums import Checksum, Compression, HioCmd
 from pyhast.errors import ProtocolError
 from pyhast.transport.aio import FramedConn
+from pyhast.transport.base import ConnError
 from pyhast.wire.frame import Frame
 from pyhast.wire.messages import keepalive_nv, parse_reply, request_nv
 from pyhast.wire.pipeline import pipeline_recv, pipeline_send
@@ -111,7 +112,7 @@ class RemoteComponent:
         self.pending[req.seq] = req
         try:
             self.out.send_frame(nv, payload, version=self.version)
-        except (OSError, ProtocolError) as exc:
+        except (OSError, ConnError, ProtocolError) as exc:
             self.disconnect(f"Unable to send a request: {exc}")
         self.last_send = time.monotonic()
         return req
@@ -135,7 +136,7 @@ class RemoteComponent:
             return
         try:
             self.out.send_frame(keepalive_nv(), None, version=self.version)
-        except (OSError, ProtocolError) as exc:
+        except (OSError, ConnError, ProtocolError) as exc:
             self.disconnect(f"Unable to send keepalive: {exc}")
         self.last_send = time.monotonic()
 

@@ -25,6 +25,7 @@ from pyhast.defaults import HAST_KEEPALIVE, MAXPHYS, METADATA_SIZE
 from pyhast.enums import Checksum, Compression, Event, HioCmd
 from pyhast.errors import ExitCode, ProtocolError
 from pyhast.transport.aio import FramedConn
+from pyhast.transport.base import ConnError
 from pyhast.wire.frame import Frame
 from pyhast.wire.handshake import (
     ERR_SPLITBRAIN,
@@ -129,7 +130,7 @@ class Secondary:
     def _reply(self, seq: int, err: int = 0, *, received: bool = False) -> None:
         try:
             self.out.send_frame(reply_nv(seq, err, received), None, version=self.version)
-        except (OSError, ProtocolError) as exc:
+        except (OSError, ConnError, ProtocolError) as exc:
             self._end(f"Unable to send a reply: {exc}")
 
     def _on_request(self, frame: Frame) -> None:
@@ -187,7 +188,7 @@ class Secondary:
             payload = pipeline_send(nv, data, self.compression, self.checksum)
             try:
                 self.out.send_frame(nv, payload, version=self.version)
-            except (OSError, ProtocolError) as exc:
+            except (OSError, ConnError, ProtocolError) as exc:
                 self._end(f"Unable to send a reply: {exc}")
         elif cmd is HioCmd.DELETE:
             self.stat["delete"] += 1

@@ -82,7 +82,9 @@ class Synchronizer:
                     self.active = True
                     self.started_at = time.monotonic()
                     self.log.info(
-                        "Synchronization started. %s to go.", humanize_number(self.bytes_left)
+                        "Synchronization started. %s (%d bytes) to go.",
+                        humanize_number(self.bytes_left),
+                        self.bytes_left,
                     )
                     await self.send_event(Event.SYNCSTART)
                 failures = await self._pass()
@@ -109,9 +111,10 @@ class Synchronizer:
         self.active = False
         elapsed = time.monotonic() - self.started_at
         self.log.info(
-            "Synchronization interrupted after %.0f s. %s synchronized so far.",
+            "Synchronization interrupted after %.0f s. %s (%d bytes) synchronized so far.",
             elapsed,
             humanize_number(self.synced),
+            self.synced,
         )
 
     async def _complete(self) -> None:
@@ -119,8 +122,9 @@ class Synchronizer:
         if self.active:
             elapsed = max(time.monotonic() - self.started_at, 1e-6)
             self.log.info(
-                "Synchronization complete. %s synchronized in %.1f s (%s/sec).",
+                "Synchronization complete. %s (%d bytes) synchronized in %.1f s (%s/sec).",
                 humanize_number(self.synced),
+                self.synced,
                 elapsed,
                 humanize_number(int(self.synced / elapsed)),
             )
@@ -162,7 +166,7 @@ class Synchronizer:
                 if ext in failed_extents:
                     failed_extents.discard(ext)
                 elif self.am.extent_complete(ext):
-                    await self.dev._bitmap_flush_logged()
+                    await self.dev._bitmap_flush_logged(lazy=True)
 
         try:
             while self.dev.connected:
