@@ -256,12 +256,6 @@ def test_async_failover_loses_only_the_window(tmp_path: Path) -> None:
 HIO_POOL = 256
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="async replication does not bound the writes in flight to the secondary "
-    "(FreeBSD: the 256-request pool): a slow link lets thousands of acknowledged writes "
-    "be lost by a failover",
-)
 def test_async_loss_is_bounded_by_the_request_pool(tmp_path: Path) -> None:
     _, rep = async_failover(tmp_path)
     assert not rep.corrupt and not rep.lost, rep.details()
@@ -300,11 +294,6 @@ def test_secondary_write_eio_extent_is_resynchronised(tmp_path: Path) -> None:
         nbd.assert_identical(a, b)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="an extent marked for synchronisation after a failed remote write is only "
-    "synchronised at the next reconnect: while the link stays up it stays dirty",
-)
 def test_secondary_write_eio_extent_is_resynchronised_without_reconnect(
     tmp_path: Path,
 ) -> None:
@@ -374,21 +363,15 @@ def test_primary_torn_local_write_is_repaired_from_the_peer(tmp_path: Path) -> N
         data = make_block(4, 0, 1, 64 * KiB)
         assert nbd_io(uri, ("w", target, data), ("r", target, len(data))) == [b"", data]
         cl.wait_log("nodea", "Local write of 65536 bytes at", since=mark)
-        diff = nbd.first_difference(a, b)
-        assert diff is not None and target + 32 * KiB <= diff < target + 64 * KiB  # torn
+        # The extent is copied back from the peer while the link stays up (the
+        # copy may have to wait until the disk fault is gone).
         write_rules(control, [])
-        cl.kill_worker("nodeb", "r0")  # a reconnect resynchronises (see the xfail above)
         cl.wait_log("nodea", "Synchronization complete", since=mark, timeout=30)
         cl.wait_synced("r0")
         nbd.assert_identical(a, b)
         assert nbd.data_area(a, target, len(data)) == data
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a stalled replication link is never detected: the primary has no reply "
-    "timeout, so fullsync writes hang instead of completing degraded after `timeout`",
-)
 def test_stalled_link_degrades_within_the_timeout(tmp_path: Path) -> None:
     opts = {"r0": ["replication fullsync", "timeout 2"]}
     with proxied_cluster(tmp_path, resource_options=opts) as (cl, px):

@@ -25,7 +25,7 @@ import asyncio
 import errno
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from pyhast.defaults import MAXPHYS
 from pyhast.enums import Replication, SyncSrc
@@ -33,6 +33,8 @@ from pyhast.worker.local import LocalComponent
 from pyhast.worker.remote import RemoteComponent, RemoteRequest
 
 _ZEROS = bytes(MAXPHYS)
+#: Writes that may await the secondary at once (FreeBSD's request pool).
+MAX_REMOTE_INFLIGHT = 256
 
 
 class Stats:
@@ -84,6 +86,9 @@ class PrimaryDevice:
         self.local_stale: set[int] = set()
         self.inflight = 0
         self.remote_inflight = 0
+        self._room = asyncio.Event()
+        #: called when extents are marked for synchronisation while connected
+        self.on_need_sync: Callable[[], None] | None = None
         self.closed = False
 
     # -- BlockBackend properties ----------------------------------------------
@@ -139,6 +144,10 @@ class PrimaryDevice:
     async def _mark_need_sync(self, offset: int, length: int) -> None:
         if self.am.need_sync(offset, length):
             await self._bitmap_flush_logged()
+        if self.connected and self.on_need_sync is not None:
+            # A remote write failed while the link is up: copy it now, not at
+            # the next reconnect.
+            self.on_need_sync()
 
     async def _bitmap_flush_logged(self, *, lazy: bool = False) -> None:
         try:
@@ -191,6 +200,8 @@ class PrimaryDevice:
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         length = len(data)
         self.stats.write += 1
+        if self.remote_inflight >= MAX_REMOTE_INFLIGHT:
+            await self._wait_remote_room()
         await self._lock_regular(offset, length)
         released = False
         try:
@@ -251,10 +262,22 @@ class PrimaryDevice:
         finally:
             self._unlock_regular(offset, length)
 
+    async def _wait_remote_room(self) -> None:
+        """Bounded replication: at most MAX_REMOTE_INFLIGHT writes await the secondary.
+
+        This is what bounds async mode's loss window (FreeBSD: its pool of
+        256 requests); in the other modes the clients' queue depth does.
+        """
+        while self.remote_inflight >= MAX_REMOTE_INFLIGHT and self.connected:
+            self._room.clear()
+            await self._room.wait()
+
     async def _remote_write_done(
         self, req: RemoteRequest, offset: int, length: int, lerr: int
     ) -> None:
         self.remote_inflight -= 1
+        if self.remote_inflight < MAX_REMOTE_INFLIGHT:
+            self._room.set()
         rerr = req.done.result()
         if rerr:
             # Failed or unknown outcome: the secondary may hold stale data.

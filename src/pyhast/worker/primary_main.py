@@ -106,6 +106,7 @@ class PrimaryWorker:
         md.prevrole = Role.PRIMARY
         local.metadata_write()
         self.dev = dev = PrimaryDevice(local, replication=res.replication, log=self.log)
+        dev.on_need_sync = self._sync_needed
         # Until a handshake tells us, the peer's counters are the mirror of
         # ours (what the last completed synchronisation left): so the first
         # write without the peer bumps localcnt even if this worker never
@@ -173,6 +174,12 @@ class PrimaryWorker:
             now = time.monotonic()
             remote = dev.remote
             if remote is not None and remote.connected:
+                # A stalled link or a secondary that stopped answering: the
+                # oldest request waits longer than `timeout` -> degraded.
+                age = remote.oldest_age()
+                if age > self.res.timeout:
+                    remote.disconnect(f"No reply from the secondary for {age:.0f} seconds.")
+                    continue
                 if now - remote.last_send >= HAST_KEEPALIVE:
                     remote.keepalive()
                 continue
@@ -272,6 +279,11 @@ class PrimaryWorker:
     async def _event(self, event: Event) -> None:
         if not self.exiting:
             await self.parent.send_event(event)
+
+    def _sync_needed(self) -> None:
+        """Extents were marked while connected: run a synchronisation pass now."""
+        if self.sync_task is None or self.sync_task.done():
+            self._start_sync()
 
     def _start_sync(self) -> None:
         dev = self.dev

@@ -38,7 +38,7 @@ class RemoteRequest:
     and, for READ, ``data`` holds the payload.
     """
 
-    __slots__ = ("cmd", "data", "done", "length", "offset", "received", "seq")
+    __slots__ = ("cmd", "data", "done", "length", "offset", "received", "sent", "seq")
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, seq: int, cmd: HioCmd, offset: int, length: int
@@ -50,6 +50,7 @@ class RemoteRequest:
         self.received: asyncio.Future[int] = loop.create_future()
         self.done: asyncio.Future[int] = loop.create_future()
         self.data: bytes | memoryview | None = None
+        self.sent = time.monotonic()
 
     def finish(self, err: int) -> None:
         if not self.received.done():
@@ -147,6 +148,12 @@ class RemoteComponent:
                 await self.out.drain(timeout)
             except Exception as exc:
                 self.disconnect(f"Unable to send to the secondary: {exc}")
+
+    def oldest_age(self) -> float:
+        """Seconds the oldest request in flight has waited for its final reply."""
+        for req in self.pending.values():  # insertion order: the first is the oldest
+            return time.monotonic() - req.sent
+        return 0.0
 
     # -- receiving ---------------------------------------------------------------
 
