@@ -43,6 +43,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"after 'primary', wait until the device is served (default {DEFAULT_WAIT:g})",
     )
     wait.add_argument("--no-wait", dest="wait", action="store_const", const=0.0, help="do not wait")
+    parser.add_argument(
+        "-f",
+        dest="force",
+        action="store_true",
+        help="leave primary even while the device is in use (its users get I/O errors)",
+    )
     parser.add_argument("role", choices=("init", "primary", "secondary"))
     parser.add_argument("names", nargs="+", metavar="name", help="resource names, or 'all'")
 
@@ -51,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = load(args)
     role = Role.from_label(args.role)
     try:
-        reply = request(cfg.control, ControlRequest.set_role(role, args.names))
+        reply = request(cfg.control, ControlRequest.set_role(role, args.names, force=args.force))
     except ControlClientError as exc:
         log.error("%s", exc)
         return int(exc.exit_code)
@@ -61,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     changed: list[str] = []
     for result in reply.roles:
         if result.error:
-            log.warning("[%s] Received error %d from hastd.", result.name, result.error)
+            if result.errmsg:
+                log.error("[%s] %s", result.name, result.errmsg)
+            else:
+                log.warning("[%s] Received error %d from hastd.", result.name, result.error)
             continue
         if result.role == role.label:
             log.debug("[%s] Role unchanged (%s).", result.name, result.role)

@@ -25,7 +25,7 @@ import logging
 import os
 import socket
 
-from pyhast.daemon.supervisor import FramedSocket, Supervisor
+from pyhast.daemon.supervisor import FramedSocket, RoleRefused, Supervisor
 from pyhast.defaults import HAST_TIMEOUT
 from pyhast.enums import ControlCmd
 from pyhast.errors import ProtocolError
@@ -151,9 +151,16 @@ class ControlServer:
         if req.cmd is ControlCmd.SETROLE:
             assert req.role is not None
             role = req.role
-            previous = await asyncio.gather(*(sup.set_role(name, role) for name in names))
+            previous = await asyncio.gather(
+                *(sup.set_role(name, role, force=req.force) for name in names),
+                return_exceptions=True,
+            )
             for i, (name, old) in enumerate(zip(names, previous, strict=True)):
-                if old is None:
+                if isinstance(old, RoleRefused):
+                    RoleResult(name, error=old.errno, errmsg=str(old)).add_to(out, i)
+                elif isinstance(old, BaseException):
+                    raise old
+                elif old is None:
                     RoleResult(name, error=1).add_to(out, i)
                 else:
                     RoleResult(name, role=old.label).add_to(out, i)

@@ -1,6 +1,6 @@
 """hastd: the parent process (spec 3.1, 3.2, 3.5).
 
-``hastd [-dFh] [-c config] [-P pidfile] [--node NAME] [--rundir DIR]``
+``hastd [-dFh] [-c config] [-P pidfile] [--node NAME] [--rundir DIR] [--devdir DIR]``
 
 Start-up, in FreeBSD's order:
 
@@ -42,7 +42,7 @@ from pyhast.daemon.listen import Listener
 from pyhast.daemon.pidfile import Pidfile, PidfileLocked
 from pyhast.daemon.reload import plan_reload, reload_request
 from pyhast.daemon.supervisor import STOP_TIMEOUT, Supervisor
-from pyhast.defaults import HAST_CONFIG, HAST_PROTO_VERSION
+from pyhast.defaults import HAST_CONFIG, HAST_DEVDIR, HAST_PROTO_VERSION
 from pyhast.errors import ConfigError, ExitCode
 from pyhast.log import errno_text, setup_logging
 from pyhast.node import NodeIdentity
@@ -70,7 +70,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="hastd",
-        usage="%(prog)s [-dFh] [-c config] [-P pidfile] [--node NAME] [--rundir DIR]",
+        usage=(
+            "%(prog)s [-dFh] [-c config] [-P pidfile] [--node NAME] [--rundir DIR] [--devdir DIR]"
+        ),
         add_help=False,
     )
     parser.add_argument("-c", dest="config", default=HAST_CONFIG, metavar="config")
@@ -80,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-P", dest="pidfile", default=None, metavar="pidfile")
     parser.add_argument("--node", default=None, metavar="NAME")
     parser.add_argument("--rundir", default=DEFAULT_RUNDIR, metavar="DIR")
+    parser.add_argument(
+        "--devdir",
+        default=HAST_DEVDIR,
+        metavar="DIR",
+        help="where a primary's device file appears (default /dev/hast)",
+    )
     return parser
 
 
@@ -124,6 +132,7 @@ class Daemon:
         debug: int,
         foreground: bool,
         rundir: str,
+        devdir: str = "/dev/hast",
     ) -> None:
         self.cfgpath = cfgpath
         self.identity = identity
@@ -141,6 +150,7 @@ class Daemon:
             debug=debug,
             foreground=foreground,
             rundir=rundir,
+            devdir=devdir,
         )
         self._reload_lock = asyncio.Lock()
         self._stop = asyncio.Event()
@@ -348,6 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             debug=args.debug,
             foreground=args.foreground,
             rundir=rundir,
+            devdir=os.path.abspath(args.devdir),
         )
         return await daemon.run()
 

@@ -35,6 +35,7 @@ import collections
 import contextlib
 import errno
 import logging
+import os
 import signal
 import socket
 import subprocess
@@ -45,9 +46,10 @@ from typing import Any
 from pyhast.config import ResourceConfig
 from pyhast.daemon.hooks import HookRunner, event_args, role_args
 from pyhast.daemon.resource_json import resource_to_json
-from pyhast.defaults import HAST_PROTO_VERSION
+from pyhast.defaults import HAST_DEVDIR, HAST_PROTO_VERSION
 from pyhast.enums import Role
-from pyhast.errors import ExitCode, ProtocolError
+from pyhast.errors import ExitCode, HastError, ProtocolError
+from pyhast.frontend.fuse.holders import find_holders
 from pyhast.log import ResourceAdapter, errno_text
 from pyhast.transport import base as transport
 from pyhast.wire.control import (
@@ -257,6 +259,14 @@ class Worker:
                 channel.close()
 
 
+class RoleRefused(HastError):
+    """A role change hastd refused; ``errno`` goes back to hastctl."""
+
+    def __init__(self, message: str, err: int) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
 def exit_sentence(pid: int, returncode: int) -> str:
     """FreeBSD's child_exit_log() sentence for a worker's exit status."""
     if returncode == 0:
@@ -312,6 +322,7 @@ class Supervisor:
         debug: int = 0,
         foreground: bool = True,
         rundir: str = "/var/run/hast",
+        devdir: str = HAST_DEVDIR,
     ) -> None:
         self.resources: dict[str, ResourceState] = {r.name: ResourceState(r) for r in resources}
         self.hooks = hooks
@@ -319,6 +330,7 @@ class Supervisor:
         self.debug = debug
         self.foreground = foreground
         self.rundir = rundir
+        self.devdir = devdir
         self._workers: dict[int, tuple[ResourceState, Worker]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -417,6 +429,8 @@ class Supervisor:
             str(child[1].fileno()),
             "--rundir",
             self.rundir,
+            "--devdir",
+            self.devdir,
         ]
         if role is Role.PRIMARY:
             argv += ["--conn-fd", str(child[2].fileno())]
@@ -566,12 +580,34 @@ class Supervisor:
 
     # --- role changes --------------------------------------------------------
 
-    async def set_role(self, name: str, role: Role) -> Role | None:
-        """Change ``name``'s role; returns the previous role (None: no such resource)."""
+    async def set_role(self, name: str, role: Role, *, force: bool = False) -> Role | None:
+        """Change ``name``'s role; returns the previous role (None: no such resource).
+
+        Leaving primary while ``<devdir>/<provname>`` is held open (a loop
+        device, a mount, a process) raises RoleRefused naming the holders,
+        unless ``force``: then the holders get I/O errors, as FreeBSD's
+        forcible destruction of the GEOM Gate device does.
+        """
         res = self.resources.get(name)
         if res is None:
             return None
         async with res.lock:
+            if res.role is Role.PRIMARY and role is not Role.PRIMARY:
+                path = os.path.join(self.devdir, res.config.provname)
+                holders = await asyncio.to_thread(find_holders, path)
+                if holders:
+                    if not force:
+                        raise RoleRefused(
+                            f"{path} is in use by {holders.describe()}; "
+                            "unmount and detach it, or use -f.",
+                            errno.EBUSY,
+                        )
+                    res.log.warning(
+                        "Forcing role %s while %s is in use by %s.",
+                        role.label,
+                        path,
+                        holders.describe(),
+                    )
             return await self._set_role_locked(res, role)
 
     async def _set_role_locked(self, res: ResourceState, role: Role) -> Role:

@@ -207,10 +207,14 @@ class ControlRequest:
     cmd: ControlCmd
     resources: tuple[str, ...]
     role: Role | None = None
+    #: pyhast: leave primary even while the device is held open (``force: uint8``).
+    force: bool = False
 
     @classmethod
-    def set_role(cls, role: Role, resources: Iterable[str]) -> ControlRequest:
-        return cls(ControlCmd.SETROLE, tuple(resources), role)
+    def set_role(
+        cls, role: Role, resources: Iterable[str], *, force: bool = False
+    ) -> ControlRequest:
+        return cls(ControlCmd.SETROLE, tuple(resources), role, force)
 
     @classmethod
     def status(cls, resources: Iterable[str] = ()) -> ControlRequest:
@@ -229,6 +233,8 @@ class ControlRequest:
             if self.role is None:
                 raise ValueError("A set-role request needs a role.")
             nv.add_uint8("role", int(self.role))
+            if self.force:
+                nv.add_uint8("force", 1)
         for i, name in enumerate(self.resources or (ALL,)):
             nv.add_string(f"resource{i}", name)
         return nv
@@ -273,18 +279,19 @@ class ControlRequest:
                         f"Invalid role received ({raw_role}).", ControlError.INVALID_REQUEST
                     )
                 role = Role(raw_role)
+            force = nv.get_uint8("force", default=0) != 0
         except NVError as exc:
             raise ControlRequestError(
                 f"Invalid control header: {exc}", ControlError.INVALID_REQUEST
             ) from exc
-        return cls(cmd, tuple(names), role)
+        return cls(cmd, tuple(names), role, force)
 
 
 # --------------------------------------------------------------------------
 # hastd -> hastctl
 
 #: Worker status fields that are strings.
-WORKER_STR_FIELDS: Final = ("status", "nbd_uri", "syncsrc")
+WORKER_STR_FIELDS: Final = ("status", "nbd_uri", "devpath", "syncsrc")
 #: Worker status fields that are integers, in the order ``hastctl list`` uses them.
 WORKER_INT_FIELDS: Final = (
     "dirty",
@@ -404,19 +411,28 @@ class RoleResult:
     name: str
     error: int = 0
     role: str | None = None
+    #: pyhast: why the change was refused, as a sentence (``errmsg<i>``).
+    errmsg: str | None = None
 
     def add_to(self, nv: NV, i: int) -> None:
         nv.add_string(f"resource{i}", self.name)
         nv.add_int16(f"error{i}", self.error)
         if self.role is not None:
             nv.add_string(f"role{i}", self.role)
+        if self.errmsg is not None:
+            nv.add_string(f"errmsg{i}", self.errmsg)
 
     @classmethod
     def from_nv(cls, nv: NV, i: int) -> RoleResult | None:
         name = _get_str(nv, f"resource{i}")
         if name is None:
             return None
-        return cls(name, nv.get_int16(f"error{i}", default=0), _get_str(nv, f"role{i}"))
+        return cls(
+            name,
+            nv.get_int16(f"error{i}", default=0),
+            _get_str(nv, f"role{i}"),
+            _get_str(nv, f"errmsg{i}"),
+        )
 
 
 @dataclasses.dataclass(frozen=True)

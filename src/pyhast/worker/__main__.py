@@ -11,6 +11,7 @@ import logging
 import sys
 
 from pyhast.daemon.resource_json import resource_from_json
+from pyhast.defaults import HAST_DEVDIR
 from pyhast.enums import Role
 from pyhast.errors import ExitCode, HastError
 from pyhast.log import ResourceAdapter, setup_logging
@@ -31,6 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--handshake", default="")
     p.add_argument("--version", type=int, default=2)
     p.add_argument("--rundir", default="/var/run/hast")
+    p.add_argument("--devdir", default=HAST_DEVDIR)
     return p.parse_args(argv)
 
 
@@ -53,7 +55,9 @@ async def amain(args: argparse.Namespace) -> int:
         if role is Role.PRIMARY:
             from pyhast.worker.primary_main import PrimaryWorker
 
-            return await PrimaryWorker(res, parent, rundir=args.rundir, log=log).run()
+            return await PrimaryWorker(
+                res, parent, rundir=args.rundir, devdir=args.devdir, log=log
+            ).run()
         from pyhast.worker.secondary_main import run_secondary
 
         if args.in_fd is None or args.out_fd is None:

@@ -19,9 +19,10 @@ from collections.abc import Coroutine
 from typing import Any
 
 from pyhast.config import ResourceConfig
-from pyhast.defaults import HAST_KEEPALIVE
+from pyhast.defaults import HAST_DEVDIR, HAST_KEEPALIVE
 from pyhast.enums import Checksum, Compression, Event, Replication, Role, SyncSrc
 from pyhast.errors import ExitCode, HastError, ProtocolError
+from pyhast.frontend.fuse import DeviceError, HastDevice
 from pyhast.frontend.nbd.server import NBDServer
 from pyhast.transport.aio import FramedConn
 from pyhast.transport.base import ConnError
@@ -60,11 +61,14 @@ class PrimaryWorker:
         parent: ParentLink,
         *,
         rundir: str,
+        devdir: str = HAST_DEVDIR,
         log: logging.LoggerAdapter[logging.Logger],
     ) -> None:
         self.res = res
         self.parent = parent
         self.rundir = rundir
+        self.devdir = devdir
+        self.device: HastDevice | None = None
         self.log = log
         self.local: LocalComponent | None = None
         self.dev: PrimaryDevice | None = None
@@ -120,6 +124,7 @@ class PrimaryWorker:
         self.log.info(
             "Serving %s (%d bytes) at %s.", res.provname, local.datasize, self.nbd.uri(res.provname)
         )
+        await self._create_device()
         if res.remoteaddr != "none":
             await self._connect()
         guard = loop.create_task(self._guard())
@@ -131,8 +136,27 @@ class PrimaryWorker:
             await self._shutdown()
         return int(self.exit_code)
 
+    async def _create_device(self) -> None:
+        """Make <devdir>/<provname> appear; the NBD export works without it."""
+        assert self.dev is not None
+        device = HastDevice(self.dev, self.res.provname, devdir=self.devdir, log=self.log)
+        try:
+            await device.start()
+        except (DeviceError, OSError) as exc:
+            self.log.error("Unable to create device %s: %s", device.path, exc)
+            return
+        self.device = device
+        self.log.info("Device %s created.", device.path)
+
     async def _shutdown(self) -> None:
         self.exiting = True
+        if self.device is not None:
+            # The parent refused the role change if the device was in use
+            # (unless forced): whoever still holds it gets I/O errors.
+            try:
+                await self.device.stop(force=True)
+            except (DeviceError, OSError) as exc:
+                self.log.error("Unable to destroy device %s: %s", self.device.path, exc)
         if self.nbd is not None:
             await self.nbd.close()
         if self.sync_task is not None:
@@ -328,6 +352,8 @@ class PrimaryWorker:
             nv.add_uint64(name, value)
         if self.nbd is not None:
             nv.add_string("nbd_uri", self.nbd.uri(self.res.provname))
+        if self.device is not None and self.device.running:
+            nv.add_string("devpath", self.device.path)
         nv.add_string("syncsrc", dev.syncsrc.name.lower())
         sync = self.sync
         syncing = sync is not None and sync.active
