@@ -237,6 +237,9 @@ class FramedConn(asyncio.BufferedProtocol):
         self._exc: BaseException | None = None
         self._closed_locally = False
         self._lost: asyncio.Future[None] = self._loop.create_future()
+        #: Coalesce the frames sent in one loop iteration into one write
+        #: (the primary's request connection: many requests per iteration).
+        self.coalesce = False
 
     @classmethod
     async def open(
@@ -512,6 +515,11 @@ class FramedConn(asyncio.BufferedProtocol):
         if batch is not None:
             self._pending = buffers
             batch.append(self)
+            return
+        if self.coalesce:
+            # Frames sent during this loop iteration go out in one write.
+            self._pending = buffers
+            self._loop.call_soon(self._flush_pending)
             return
         transport = self._transport
         assert transport is not None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from pyhast.daemon.resource_json import resource_from_json
@@ -80,7 +81,17 @@ async def amain(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.debug, foreground=args.foreground, program=args.node)
+    profile = os.environ.get("PYHAST_PROFILE")
     try:
+        if profile:
+            # Developer aid: cProfile the whole worker, stats written at exit.
+            import cProfile
+
+            prof = cProfile.Profile()
+            try:
+                return prof.runcall(asyncio.run, amain(args))
+            finally:
+                prof.dump_stats(f"{profile}.{args.role}.{os.getpid()}")
         return asyncio.run(amain(args))
     except KeyboardInterrupt:
         return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -87,6 +88,7 @@ class PrimaryDevice:
         self.inflight = 0
         self.remote_inflight = 0
         self._room = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
         #: called when extents are marked for synchronisation while connected
         self.on_need_sync: Callable[[], None] | None = None
         self.closed = False
@@ -238,8 +240,8 @@ class PrimaryDevice:
                     await self._remote_write_done(req, offset, length, lerr)
                 else:
                     released = True
-                    asyncio.get_running_loop().create_task(
-                        self._finish_in_background(req, offset, length, lerr)
+                    req.done.add_done_callback(
+                        functools.partial(self._remote_write_settled, req, offset, length, lerr)
                     )
                 if lerr and rerr:
                     raise OSError(lerr, "Write failed on both components")
@@ -252,6 +254,27 @@ class PrimaryDevice:
                 self._unlock_regular(offset, length)
         if fua:
             await self.flush()
+
+    def _remote_write_settled(
+        self, req: RemoteRequest, offset: int, length: int, lerr: int, _: object
+    ) -> None:
+        """The final reply of a write acknowledged earlier (memsync, async).
+
+        The common case completes right here, without a task; a failure needs
+        the bitmap written, so it continues in one.
+        """
+        if lerr or req.done.result():
+            task = asyncio.get_running_loop().create_task(
+                self._finish_in_background(req, offset, length, lerr)
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            return
+        self.remote_inflight -= 1
+        if self.remote_inflight < MAX_REMOTE_INFLIGHT:
+            self._room.set()
+        self._complete(offset, length)
+        self._unlock_regular(offset, length)
 
     async def _finish_in_background(
         self, req: RemoteRequest, offset: int, length: int, lerr: int
@@ -289,12 +312,11 @@ class PrimaryDevice:
                     errno.errorcode.get(rerr, rerr),
                 )
             await self._mark_need_sync(offset, length)
-            if lerr:
-                return
-        if lerr:
+        elif lerr:
             # The remote copy is good, the local one is not.
             self.local_stale.update(self._extents(offset, length))
             await self._mark_need_sync(offset, length)
+        # Marked first, so the extent never looks clean in between.
         self._complete(offset, length)
 
     def _complete(self, offset: int, length: int) -> None:

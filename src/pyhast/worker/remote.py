@@ -85,6 +85,7 @@ class RemoteComponent:
         self._seq = 0
         self.connected = True
         self.last_send = time.monotonic()
+        out_conn.coalesce = True
         in_conn.set_frame_handler(self._on_reply, self._on_lost)
         out_conn.set_frame_handler(self._on_unexpected, self._on_lost)
 
