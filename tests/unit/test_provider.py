@@ -379,3 +379,30 @@ def test_loop_device_flock_conflict(loopdev: tuple[str, int]) -> None:
         with pytest.raises(ProviderError, match="used by another process") as info:
             Provider.open(device)
         assert info.value.errno == errno.EWOULDBLOCK
+
+
+def test_pwrite_durable_uses_rwf_dsync_and_falls_back(
+    sparse: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = os.pwritev
+
+    def spy(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+        calls.append(flags)
+        return real(fd, buffers, offset, flags)
+
+    monkeypatch.setattr(os, "pwritev", spy)
+    with Provider.open(str(sparse)) as p:
+        p.pwrite_durable(b"\x5a" * 512, 4096)
+        assert calls == [os.RWF_DSYNC]
+        assert p.pread(512, 4096) == b"\x5a" * 512
+
+        def refuse(fd: int, buffers: list[memoryview], offset: int, flags: int = 0) -> int:
+            raise OSError(errno.EOPNOTSUPP, "no")
+
+        flushed: list[bool] = []
+        monkeypatch.setattr(os, "pwritev", refuse)
+        monkeypatch.setattr(os, "fdatasync", lambda fd: flushed.append(True))
+        p.pwrite_durable(b"\x33" * 512, 8192)  # falls back: pwrite + fdatasync
+        assert flushed == [True]
+        assert p.pread(512, 8192) == b"\x33" * 512

@@ -141,24 +141,29 @@ class LocalComponent:
             gen = self._map_gen
             image = self.activemap.bitmap()
             self.stat_activemap_update += 1
-            try:
-                self.provider.pwrite(image, METADATA_SIZE)
-            except OSError as exc:
-                self.stat_write_error += 1
-                self.log.error(errno_text("Unable to write the activemap", exc))
-                raise
             if self.metaflush:
+                # Durable before any data of the extent moves (write-ahead);
+                # only the bitmap's pages are written back (RWF_DSYNC), in a
+                # thread: a device flush may take milliseconds.
                 loop = asyncio.get_running_loop()
                 try:
-                    await loop.run_in_executor(None, self.provider.flush)
+                    await loop.run_in_executor(
+                        None, self.provider.pwrite_durable, image, METADATA_SIZE
+                    )
                 except OSError as exc:
-                    if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                        self.log.warning(
-                            "The local provider does not support flushing; metaflush disabled."
-                        )
-                        self.metaflush = False
-                    else:
-                        self.stat_flush_error += 1
-                        self.log.error(errno_text("Unable to flush the activemap", exc))
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        self.stat_write_error += 1
+                        self.log.error(errno_text("Unable to write the activemap", exc))
                         raise
+                    self.log.warning(
+                        "The local provider does not support flushing; metaflush disabled."
+                    )
+                    self.metaflush = False
+            if not self.metaflush:
+                try:
+                    self.provider.pwrite(image, METADATA_SIZE)
+                except OSError as exc:
+                    self.stat_write_error += 1
+                    self.log.error(errno_text("Unable to write the activemap", exc))
+                    raise
             self._map_written = gen
