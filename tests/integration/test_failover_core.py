@@ -260,20 +260,20 @@ def test_regression_write_waits_for_the_pending_bitmap_write_of_its_extent(
     local = dev.local
     gate = threading.Event()
     flushing = threading.Event()
-    real_flush = local.provider.flush
+    real_durable = local.provider.pwrite_durable
     data_writes: list[tuple[int, bool]] = []
     real_write = local.write
 
-    def slow_flush() -> None:
+    def slow_durable_write(data: bytes | bytearray | memoryview, offset: int) -> None:
         flushing.set()
         gate.wait(10)
-        real_flush()
+        real_durable(data, offset)
 
     def recording_write(offset: int, data: bytes | bytearray | memoryview) -> None:
         data_writes.append((offset, gate.is_set()))
         real_write(offset, data)
 
-    local.provider.flush = slow_flush  # type: ignore[method-assign]
+    local.provider.pwrite_durable = slow_durable_write  # type: ignore[method-assign]
     local.write = recording_write  # type: ignore[method-assign]
 
     async def scenario() -> None:
