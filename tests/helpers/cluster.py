@@ -15,14 +15,19 @@ What it sets up:
   per-node control socket, pidfile and listen address (free ports), and for
   every resource a file-backed provider per node, ``remote`` pointing at the
   other node and ``source`` pinned to the node's own address;
-* ``hastd -F --node X -c conf -P pidfile --rundir DIR`` started as a real
-  process, stdout and stderr captured to ``<tmp>/<node>.log``;
+* ``hastd -F --node X -c conf -P pidfile --rundir DIR --devdir DIR`` started
+  as a real process, stdout and stderr captured to ``<tmp>/<node>.log``; each
+  node has its own device directory (:meth:`Cluster.devdir`, ``<tmp>/<node>.dev``),
+  so a primary's ``<devdir>/<provname>`` never touches /dev/hast (pass
+  another ``--devdir`` in ``extra`` to override it);
 * readiness is polled on the control socket (a status request must be
   answered), never slept for;
 * :meth:`Cluster.close` stops every hastd (SIGTERM, then SIGKILL) and prints
   every log, which pytest shows for failing tests only.  Used as a context
   manager, an exception also dumps the logs to stderr.  Workers that outlive
-  their hastd are killed there (and reported).
+  their hastd are killed there (and reported), and a device file left
+  mounted by a killed worker (a dead FUSE mount in a node's devdir) is
+  lazily unmounted.
 
 For replication tests:
 
@@ -131,6 +136,8 @@ class Node:
     log: Path
     proc: subprocess.Popen[bytes] | None = None
     locals: dict[str, Path] = field(default_factory=dict)
+    #: Where the node's primaries put their device files (hastd --devdir).
+    devdir: str = ""
 
     @property
     def listen(self) -> str:
@@ -173,6 +180,7 @@ class Cluster:
                 pidfile=str(tmp / f"{name}.pid"),
                 rundir=str(self.sockdir / f"{name}.run"),
                 log=tmp / f"{name}.log",
+                devdir=str(tmp / f"{name}.dev"),
             )
         self.resources = list(resources)
         self.size = size
@@ -226,8 +234,24 @@ class Cluster:
 
     # --- processes -----------------------------------------------------------
 
+    def devdir(self, node: str) -> Path:
+        """``node``'s device directory (hastd ``--devdir``)."""
+        return Path(self.nodes[node].devdir)
+
+    def device(self, node: str, resource: str) -> Path:
+        """``<devdir>/<provname>`` of ``resource`` on ``node`` (the provname is the
+        resource name unless ``resource_options`` set another)."""
+        provname = resource
+        for opt in self.resource_options.get(resource, ()):
+            words = opt.split()
+            if len(words) == 2 and words[0] == "name":
+                provname = words[1]
+        return self.devdir(node) / provname
+
     def hastd_argv(self, node: str, *extra: str) -> list[str]:
         n = self.nodes[node]
+        given = any(a == "--devdir" or a.startswith("--devdir=") for a in extra)
+        devdir = [] if given else ["--devdir", n.devdir]
         return [
             sys.executable,
             "-m",
@@ -241,6 +265,7 @@ class Cluster:
             n.pidfile,
             "--rundir",
             n.rundir,
+            *devdir,
             *extra,
         ]
 
@@ -511,6 +536,10 @@ class Cluster:
                 print(f"worker {pid} outlived its hastd: killed")
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+            for name in self.nodes:
+                for mnt in _mounts_under(self.nodes[name].devdir):
+                    print(f"device {mnt} of {name} was still mounted: lazily unmounted")
+                    _lazy_umount(mnt)
             self.dump_logs()
             shutil.rmtree(self.sockdir, ignore_errors=True)
 
@@ -574,6 +603,37 @@ def _cmdline(pid: int) -> list[str]:
             return [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
     except OSError:
         return []
+
+
+def _mounts_under(directory: str) -> list[str]:
+    """Mount points at or below ``directory`` (from /proc/self/mountinfo)."""
+    if not directory:
+        return []
+    prefix = directory.rstrip("/") + "/"
+    out = []
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) < 5:
+                    continue
+                mnt = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+                if mnt == directory or mnt.startswith(prefix):
+                    out.append(mnt)
+    except OSError:
+        return []
+    return out
+
+
+def _lazy_umount(path: str) -> None:
+    with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+        subprocess.run(
+            ["umount", "-l", path],
+            capture_output=True,
+            timeout=30,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
 
 
 def _dead(pid: int) -> Callable[[], bool]:
