@@ -18,9 +18,9 @@ What must hold, checked and not assumed:
    allowed once it is released; ``role -f`` takes it away and the holders
    get I/O errors.
 
-Two product bugs found on the way are pinned down at the end as strict
-xfails: ``hastctl role primary`` can return before the device file is
-served, and hastctl drops the worker's ``devpath``.
+Two product bugs found on the way are pinned down at the end as regression
+tests: ``hastctl role primary`` returned before the device file was
+served, and hastctl dropped the worker's ``devpath``.
 
 Every wait polls with a deadline; mounts, loop devices and processes are
 removed in ``finally`` blocks even when a test fails.
@@ -150,7 +150,7 @@ def dirty_extents(provider: Path) -> int:
 
 def devpath(cl: Cluster, node: str) -> str | None:
     """The ``devpath`` field of the worker's status, as hastd sends it (read
-    from the raw reply: hastctl's parsed status drops it, see the xfail below)."""
+    from the raw reply, independent of hastctl's parsing)."""
     reply = exchange(f"uds://{cl.nodes[node].control}", ControlRequest.status([RES]).to_nv())
     value = reply.get_string("devpath0", default="")
     return value or None
@@ -455,11 +455,6 @@ if DELAY:
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hastctl's wait after 'role primary' accepts nbd_uri, which the worker "
-    "reports before HastDevice.start() has made <devdir>/<provname> appear",
-)
 def test_role_primary_returns_only_once_the_device_is_there(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -488,11 +483,6 @@ def test_role_primary_returns_only_once_the_device_is_there(
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="WorkerStatus (wire/control.py) has no devpath field, so hastctl drops the "
-    "worker's devpath: neither 'status --json' nor 'list' shows the device file",
-)
 def test_hastctl_shows_the_device_path(tmp_path: Path) -> None:
     with setup(tmp_path, "ext4") as (cl, _):
         cl.create(*CREATE_OPTS)

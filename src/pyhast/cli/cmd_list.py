@@ -15,6 +15,7 @@ Per resource::
       workerpid: <pid>                    only if non-zero
       dirty: <bytes> (<human>)
       nbd: <uri>                          pyhast: where the primary serves the device
+      device: <path>                      pyhast: the device file (/dev/hast/<name>)
       synchronization: <n> bytes left, <rate>/s    pyhast: only while syncing
       statistics:
         reads: N
@@ -78,6 +79,8 @@ def render_one(st: ResourceStatus) -> str:
     lines.append(f"  dirty: {dirty} ({humanize_number(dirty)})")
     if w is not None and w.nbd_uri:
         lines.append(f"  nbd: {w.nbd_uri}")
+    if w is not None and w.devpath:
+        lines.append(f"  device: {w.devpath}")
     if w is not None and w.sync_left:
         rate = _n(w, "sync_rate")
         lines.append(f"  synchronization: {w.sync_left} bytes left, {humanize_number(rate)}/s")

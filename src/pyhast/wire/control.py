@@ -350,6 +350,7 @@ class WorkerStatus:
     recv_queue_size: int | None = None
     done_queue_size: int | None = None
     nbd_uri: str | None = None
+    devpath: str | None = None
     syncsrc: str | None = None
     sync_left: int | None = None
     sync_rate: int | None = None
@@ -359,7 +360,11 @@ class WorkerStatus:
 
     @property
     def serving(self) -> bool:
-        """True once the worker says it serves I/O (``ready`` or an ``nbd_uri``)."""
+        """True once the worker says it serves I/O (``ready`` or an ``nbd_uri``).
+
+        A primary reports ``nbd_uri`` only once its start-up is over (the
+        device file created, or its creation failed and was logged).
+        """
         return bool(self.ready) or bool(self.nbd_uri)
 
     def add_to(self, nv: NV, suffix: str = "") -> None:
@@ -375,7 +380,7 @@ class WorkerStatus:
                 nv.add_uint32(name + suffix, value)
             else:
                 nv.add_uint64(name + suffix, value)
-        for name in ("nbd_uri", "syncsrc"):
+        for name in WORKER_STR_FIELDS[1:]:
             value = getattr(self, name)
             if value is not None:
                 nv.add_string(name + suffix, value)
@@ -397,6 +402,7 @@ class WorkerStatus:
             return cls(
                 status=status,
                 nbd_uri=_get_str(nv, "nbd_uri" + suffix),
+                devpath=_get_str(nv, "devpath" + suffix),
                 syncsrc=_get_str(nv, "syncsrc" + suffix),
                 **ints,
             )
@@ -518,8 +524,8 @@ class ResourceStatus:
         worker = self.worker
         for field in WORKER_INT_FIELDS:
             out[field] = None if worker is None else getattr(worker, field)
-        out["nbd_uri"] = None if worker is None else worker.nbd_uri
-        out["syncsrc"] = None if worker is None else worker.syncsrc
+        for field in WORKER_STR_FIELDS[1:]:
+            out[field] = None if worker is None else getattr(worker, field)
         return out
 
 

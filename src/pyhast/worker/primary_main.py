@@ -69,6 +69,7 @@ class PrimaryWorker:
         self.rundir = rundir
         self.devdir = devdir
         self.device: HastDevice | None = None
+        self.started = False
         self.log = log
         self.local: LocalComponent | None = None
         self.dev: PrimaryDevice | None = None
@@ -125,6 +126,7 @@ class PrimaryWorker:
             "Serving %s (%d bytes) at %s.", res.provname, local.datasize, self.nbd.uri(res.provname)
         )
         await self._create_device()
+        self.started = True
         if res.remoteaddr != "none":
             await self._connect()
         guard = loop.create_task(self._guard())
@@ -350,7 +352,8 @@ class PrimaryWorker:
         nv.add_uint64("stat_flush_error", s.flush_error + local.stat_flush_error)
         for name, value in dev.queue_sizes().items():
             nv.add_uint64(name, value)
-        if self.nbd is not None:
+        if self.nbd is not None and self.started:
+            # Only once start-up is over: hastctl role primary waits for it.
             nv.add_string("nbd_uri", self.nbd.uri(self.res.provname))
         if self.device is not None and self.device.running:
             nv.add_string("devpath", self.device.path)
