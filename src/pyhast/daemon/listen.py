@@ -236,7 +236,10 @@ class Listener:
             res.log.debug("Worker process exists (pid=%d), stopping it.", res.worker.pid)
             await self.supervisor.stop_worker(res, signal.SIGINT)
         if res.half_open is not None:
-            res.log.debug("Canceling half-open connection on connection from %s.", peer)
+            res.log.info(
+                "A new session from %s supersedes the half-open connection of the last one.",
+                peer,
+            )
         res.drop_half_open()
         try:
             version = handshake.negotiate_version(nv)
