@@ -22,3 +22,9 @@ test: setup lint typecheck
 
 unit: setup
 	$(VENV)/bin/pytest -q tests/unit tests/fuzz
+
+.PHONY: bench
+# Performance benchmark (issue 6), not part of `make test`: make bench BENCH_ARGS=--quick
+bench: setup
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r bench/requirements.txt
+	$(PY) bench/run.py $(BENCH_ARGS)

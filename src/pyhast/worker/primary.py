@@ -34,8 +34,10 @@ from pyhast.worker.local import LocalComponent
 from pyhast.worker.remote import RemoteComponent, RemoteRequest
 
 _ZEROS = bytes(MAXPHYS)
-#: Writes that may await the secondary at once (FreeBSD's request pool).
+#: Writes that may await the secondary at once (FreeBSD's request pool) ...
 MAX_REMOTE_INFLIGHT = 256
+#: ... and their bytes (256 MAXPHYS writes would hold 256 MiB in memory).
+MAX_REMOTE_INFLIGHT_BYTES = 64 * 1024 * 1024
 
 
 class Stats:
@@ -87,6 +89,7 @@ class PrimaryDevice:
         self.local_stale: set[int] = set()
         self.inflight = 0
         self.remote_inflight = 0
+        self.remote_inflight_bytes = 0
         self._room = asyncio.Event()
         self._background: set[asyncio.Task[None]] = set()
         #: called when extents are marked for synchronisation while connected
@@ -202,7 +205,10 @@ class PrimaryDevice:
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         length = len(data)
         self.stats.write += 1
-        if self.remote_inflight >= MAX_REMOTE_INFLIGHT:
+        if (
+            self.remote_inflight >= MAX_REMOTE_INFLIGHT
+            or self.remote_inflight_bytes >= MAX_REMOTE_INFLIGHT_BYTES
+        ):
             await self._wait_remote_room()
         await self._lock_regular(offset, length)
         released = False
@@ -230,6 +236,7 @@ class PrimaryDevice:
                 )
             if req is not None:
                 self.remote_inflight += 1
+                self.remote_inflight_bytes += length
                 if lerr or mode is Replication.FULLSYNC:
                     rerr = await req.done
                 elif mode is Replication.MEMSYNC:
@@ -270,9 +277,7 @@ class PrimaryDevice:
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             return
-        self.remote_inflight -= 1
-        if self.remote_inflight < MAX_REMOTE_INFLIGHT:
-            self._room.set()
+        self._remote_settled(length)
         self._complete(offset, length)
         self._unlock_regular(offset, length)
 
@@ -291,16 +296,27 @@ class PrimaryDevice:
         This is what bounds async mode's loss window (FreeBSD: its pool of
         256 requests); in the other modes the clients' queue depth does.
         """
-        while self.remote_inflight >= MAX_REMOTE_INFLIGHT and self.connected:
+        while self.connected and (
+            self.remote_inflight >= MAX_REMOTE_INFLIGHT
+            or self.remote_inflight_bytes >= MAX_REMOTE_INFLIGHT_BYTES
+        ):
             self._room.clear()
             await self._room.wait()
+
+    def _remote_settled(self, length: int) -> None:
+        """One write no longer awaits the secondary: make room for the next."""
+        self.remote_inflight -= 1
+        self.remote_inflight_bytes -= length
+        if (
+            self.remote_inflight < MAX_REMOTE_INFLIGHT
+            and self.remote_inflight_bytes < MAX_REMOTE_INFLIGHT_BYTES
+        ):
+            self._room.set()
 
     async def _remote_write_done(
         self, req: RemoteRequest, offset: int, length: int, lerr: int
     ) -> None:
-        self.remote_inflight -= 1
-        if self.remote_inflight < MAX_REMOTE_INFLIGHT:
-            self._room.set()
+        self._remote_settled(length)
         rerr = req.done.result()
         if rerr:
             # Failed or unknown outcome: the secondary may hold stale data.

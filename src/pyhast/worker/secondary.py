@@ -3,10 +3,12 @@
 Started by the parent once a primary has completed both handshake steps,
 with conn A (requests in) and conn B (replies out).  It decides the sync
 direction from the generation counters, answers on conn A, then applies the
-primary's requests strictly in arrival order: every request is handled
-inside the frame callback, local I/O inline, so order needs no queue.
-FLUSH alone runs its fdatasync in a thread (later writes may proceed; it
-covers every write applied before it).
+primary's requests strictly in arrival order.  Each read of conn A is
+parsed and validated in the frame callback, which also sends the memsync
+``received`` replies; the requests are then applied in order right after
+(local I/O inline, see :meth:`Secondary._apply`), so an early reply never
+waits for a disk write.  FLUSH alone runs its fdatasync in a thread (later
+writes may proceed; it covers every write applied before it).
 
 Every request is validated; a bad one is answered with EINVAL and the stream
 goes on (FreeBSD aborts on an unknown command and loses sync on a rejected
@@ -34,7 +36,7 @@ from pyhast.wire.handshake import (
     decide,
     decision_reply,
 )
-from pyhast.wire.messages import RequestError, parse_request, reply_nv
+from pyhast.wire.messages import Request, RequestError, parse_request, reply_nv
 from pyhast.wire.pipeline import pipeline_recv, pipeline_send
 from pyhast.worker.local import LocalComponent
 
@@ -72,6 +74,9 @@ class Secondary:
         self.last_recv = time.monotonic()
         self.ended: asyncio.Future[SessionEnd] = asyncio.get_running_loop().create_future()
         self.flushes: set[asyncio.Task[None]] = set()
+        #: Validated requests waiting for _apply, in arrival order.
+        self._queue: list[tuple[Request, bytes | memoryview | None]] = []
+        self._apply_scheduled = False
         self.stat = {"read": 0, "write": 0, "delete": 0, "flush": 0}
         self.stat_err = {"read": 0, "write": 0, "delete": 0, "flush": 0}
 
@@ -114,6 +119,7 @@ class Secondary:
     # -- steady state ----------------------------------------------------------
 
     def start(self) -> None:
+        self.out.coalesce = True
         self.inc.set_frame_handler(self._on_request, self._on_lost)
         self.out.set_frame_handler(self._on_unexpected, self._on_lost)
 
@@ -152,8 +158,8 @@ class Secondary:
                 local.provider.pwrite(bytes(local.md.mapsize), METADATA_SIZE)
             except OSError as exc:
                 self.log.error("Unable to clear the activemap: %s.", exc.strerror)
+        data: bytes | memoryview | None = None
         if cmd is HioCmd.WRITE:
-            self.stat["write"] += 1
             try:
                 data = pipeline_recv(frame.nv, frame.payload or b"", max_size=MAXPHYS)
             except ProtocolError as exc:
@@ -168,42 +174,66 @@ class Secondary:
                 self._reply(req.seq, errno.EINVAL)
                 return
             if req.memsync:
+                # Sent at the end of this read, before any of its writes.
                 self._reply(req.seq, received=True)
-            try:
-                local.write(req.offset, data)
-            except OSError as exc:
-                self.stat_err["write"] += 1
-                self._reply(req.seq, exc.errno or errno.EIO)
+        self._queue.append((req, data))
+        if not self._apply_scheduled:
+            self._apply_scheduled = True
+            asyncio.get_running_loop().call_soon(self._apply)
+
+    def _apply(self) -> None:
+        """Apply the requests received so far, strictly in arrival order.
+
+        Runs right after the read callback that queued them, so the memsync
+        ``received`` replies of that read have already gone out (one write)
+        while the disk writes happen here; the final replies of the batch go
+        out together (the reply connection coalesces).
+        """
+        self._apply_scheduled = False
+        queue, self._queue = self._queue, []
+        local = self.local
+        for req, data in queue:
+            if self.ended.done():
                 return
-            self._reply(req.seq)
-        elif cmd is HioCmd.READ:
-            self.stat["read"] += 1
-            try:
-                data = local.read(req.offset, req.length)
-            except OSError as exc:
-                self.stat_err["read"] += 1
-                self._reply(req.seq, exc.errno or errno.EIO)
-                return
-            nv = reply_nv(req.seq)
-            payload = pipeline_send(nv, data, self.compression, self.checksum)
-            try:
-                self.out.send_frame(nv, payload, version=self.version)
-            except (OSError, ConnError, ProtocolError) as exc:
-                self._end(f"Unable to send a reply: {exc}")
-        elif cmd is HioCmd.DELETE:
-            self.stat["delete"] += 1
-            try:
-                local.delete(req.offset, req.length)
-            except OSError as exc:
-                self.stat_err["delete"] += 1
-                self._reply(req.seq, exc.errno or errno.EIO)
-                return
-            self._reply(req.seq)
-        elif cmd is HioCmd.FLUSH:
-            self.stat["flush"] += 1
-            task = asyncio.get_running_loop().create_task(self._flush(req.seq))
-            self.flushes.add(task)
-            task.add_done_callback(self.flushes.discard)
+            cmd = req.cmd
+            if cmd is HioCmd.WRITE:
+                assert data is not None
+                self.stat["write"] += 1
+                try:
+                    local.write(req.offset, data)
+                except OSError as exc:
+                    self.stat_err["write"] += 1
+                    self._reply(req.seq, exc.errno or errno.EIO)
+                    continue
+                self._reply(req.seq)
+            elif cmd is HioCmd.READ:
+                self.stat["read"] += 1
+                try:
+                    rdata = local.read(req.offset, req.length)
+                except OSError as exc:
+                    self.stat_err["read"] += 1
+                    self._reply(req.seq, exc.errno or errno.EIO)
+                    continue
+                nv = reply_nv(req.seq)
+                payload = pipeline_send(nv, rdata, self.compression, self.checksum)
+                try:
+                    self.out.send_frame(nv, payload, version=self.version)
+                except (OSError, ConnError, ProtocolError) as exc:
+                    self._end(f"Unable to send a reply: {exc}")
+            elif cmd is HioCmd.DELETE:
+                self.stat["delete"] += 1
+                try:
+                    local.delete(req.offset, req.length)
+                except OSError as exc:
+                    self.stat_err["delete"] += 1
+                    self._reply(req.seq, exc.errno or errno.EIO)
+                    continue
+                self._reply(req.seq)
+            elif cmd is HioCmd.FLUSH:
+                self.stat["flush"] += 1
+                task = asyncio.get_running_loop().create_task(self._flush(req.seq))
+                self.flushes.add(task)
+                task.add_done_callback(self.flushes.discard)
 
     async def _flush(self, seq: int) -> None:
         try:
