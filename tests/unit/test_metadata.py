@@ -99,3 +99,12 @@ def test_create_refusals(provider: Provider, kwargs: dict[str, int], message: st
     with pytest.raises(CreateError, match=message) as info:
         metadata_create(provider, "r0", **kwargs)
     assert info.value.exit_code is ExitCode.DATAERR
+
+
+def test_localstale_is_an_optional_extra_field() -> None:
+    md = Metadata("r0", 1000 * 512, 65536, 64, 4608, localstale=(7, 3))
+    nv = NV.decode(md.encode())
+    assert nv.get_array("localstale", NVType.UINT64_ARRAY) == (3, 7)
+    assert Metadata.decode(md.encode()).localstale == (3, 7)
+    # Without stale extents the block is exactly FreeBSD's field set.
+    assert "localstale" not in NV.decode(Metadata("r0", 512, 65536, 64, 4608).encode())

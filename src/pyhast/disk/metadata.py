@@ -27,7 +27,7 @@ from pyhast.disk.activemap import Activemap
 from pyhast.disk.provider import Provider
 from pyhast.enums import Role
 from pyhast.errors import ExitCode, HastError, MetadataError, NVError
-from pyhast.wire.nv import NV
+from pyhast.wire.nv import NV, NVType
 
 
 @dataclasses.dataclass
@@ -43,6 +43,10 @@ class Metadata:
     localcnt: int = 0
     remotecnt: int = 0
     prevrole: Role = Role.INIT
+    #: pyhast: extents whose local copy is stale (a local write failed while
+    #: the peer's succeeded); they are synchronised from the peer.  Stored as
+    #: the uint64 array ``localstale``, which FreeBSD's reader ignores.
+    localstale: tuple[int, ...] = ()
 
     @property
     def mapsize(self) -> int:
@@ -62,6 +66,8 @@ class Metadata:
         nv.add_uint64("localcnt", self.localcnt)
         nv.add_uint64("remotecnt", self.remotecnt)
         nv.add_string("prevrole", self.prevrole.label)
+        if self.localstale:
+            nv.add_array("localstale", NVType.UINT64_ARRAY, sorted(self.localstale))
         data = nv.encode()
         if len(data) >= METADATA_SIZE:
             raise MetadataError("Metadata does not fit in its 4096-byte block.")
@@ -87,6 +93,7 @@ class Metadata:
                 resuid=nv.get_uint64("resuid"),
                 localcnt=nv.get_uint64("localcnt"),
                 remotecnt=nv.get_uint64("remotecnt"),
+                localstale=nv.get_array("localstale", NVType.UINT64_ARRAY, default=()),
             )
         except NVError as exc:
             raise MetadataError(f"Metadata read from {where} is invalid: {exc}") from exc

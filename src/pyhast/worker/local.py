@@ -104,6 +104,12 @@ class LocalComponent:
     def metadata_write(self) -> None:
         metadata_write(self.provider, self.md)
 
+    async def metadata_write_durable(self, *, localstale: tuple[int, ...]) -> None:
+        """Store the stale-extent list in the metadata block, durably."""
+        self.md.localstale = localstale
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self.provider.pwrite_durable, self.md.encode(), 0)
+
     def load_bitmap(self) -> None:
         """Start-up: every extent dirty on disk will be synchronised."""
         self.activemap.load(bitmap_read(self.provider, self.md)[: self.activemap.mapsize])

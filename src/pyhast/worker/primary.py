@@ -26,7 +26,7 @@ import errno
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from pyhast.defaults import MAXPHYS
 from pyhast.enums import Replication, SyncSrc
@@ -182,11 +182,17 @@ class PrimaryDevice:
                 if self.syncsrc is SyncSrc.SECONDARY or self.local_stale:
                     self.stats.read_error += 1
                     raise
+        if self.local_stale and any(e in self.local_stale for e in self._extents(offset, length)):
+            # Only the peer has the acknowledged data, and it is not here.
+            self.stats.read_error += 1
+            raise OSError(errno.EIO, "The local copy is stale and the secondary is away")
         try:
             return self.local.read(offset, length)
         except OSError as exc:
             self.stats.read_error += 1
-            if not self.connected:
+            if not self.connected or self.am.in_syncmap(offset, length):
+                # The secondary's copy of a marked extent may be older than
+                # what was acknowledged: an error beats stale data.
                 raise
             self.log.warning("Local read failed (%s); reading from the secondary.", exc.strerror)
             return await self._remote_read(offset, length)
@@ -253,9 +259,11 @@ class PrimaryDevice:
                 if lerr and rerr:
                     raise OSError(lerr, "Write failed on both components")
             else:
+                # Marked for synchronisation above, so releasing it is safe
+                # even when the write failed.
+                self._complete(offset, length)
                 if lerr:
                     raise OSError(lerr, "Local write failed")
-                self._complete(offset, length)
         finally:
             if not released:
                 self._unlock_regular(offset, length)
@@ -329,11 +337,20 @@ class PrimaryDevice:
                 )
             await self._mark_need_sync(offset, length)
         elif lerr:
-            # The remote copy is good, the local one is not.
-            self.local_stale.update(self._extents(offset, length))
+            # The remote copy is good, the local one is not: remember it on
+            # disk before the write is acknowledged, so that a restart copies
+            # the extent from the peer and not the other way round.
+            await self.mark_local_stale(self._extents(offset, length))
             await self._mark_need_sync(offset, length)
         # Marked first, so the extent never looks clean in between.
         self._complete(offset, length)
+
+    async def mark_local_stale(self, extents: Iterable[int]) -> None:
+        """Record extents whose local copy is stale, durably (metadata block)."""
+        before = len(self.local_stale)
+        self.local_stale.update(extents)
+        if len(self.local_stale) != before:
+            await self.local.metadata_write_durable(localstale=tuple(self.local_stale))
 
     def _complete(self, offset: int, length: int) -> None:
         if self.am.write_complete(offset, length):

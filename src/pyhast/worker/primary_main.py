@@ -112,6 +112,17 @@ class PrimaryWorker:
         local.metadata_write()
         self.dev = dev = PrimaryDevice(local, replication=res.replication, log=self.log)
         dev.on_need_sync = self._sync_needed
+        if md.localstale:
+            # A local write failed before the last exit: only the peer has those
+            # extents right; they are copied from it at the next connection.
+            dev.local_stale = set(md.localstale)
+            for ext in md.localstale:
+                if ext < dev.am.nextents:
+                    dev.am.need_sync(dev.am.extent_offset(ext), dev.am.extent_length(ext))
+            self.log.warning(
+                "%d extents have a stale local copy; they will be synchronized from the peer.",
+                len(md.localstale),
+            )
         # Until a handshake tells us, the peer's counters are the mirror of
         # ours (what the last completed synchronisation left): so the first
         # write without the peer bumps localcnt even if this worker never

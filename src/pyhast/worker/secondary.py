@@ -25,7 +25,7 @@ import time
 
 from pyhast.defaults import HAST_KEEPALIVE, MAXPHYS, METADATA_SIZE
 from pyhast.enums import Checksum, Compression, Event, HioCmd
-from pyhast.errors import ExitCode, ProtocolError
+from pyhast.errors import ExitCode, MetadataError, ProtocolError
 from pyhast.transport.aio import FramedConn
 from pyhast.transport.base import ConnError
 from pyhast.wire.frame import Frame
@@ -156,8 +156,12 @@ class Secondary:
             self.first_request = False
             try:
                 local.provider.pwrite(bytes(local.md.mapsize), METADATA_SIZE)
-            except OSError as exc:
-                self.log.error("Unable to clear the activemap: %s.", exc.strerror)
+                if local.md.localstale:
+                    # Stale extents of a former primary: the new primary syncs them.
+                    local.md.localstale = ()
+                    local.metadata_write()
+            except (OSError, MetadataError) as exc:
+                self.log.error("Unable to clear the activemap: %s", exc)
         data: bytes | memoryview | None = None
         if cmd is HioCmd.WRITE:
             try:

@@ -136,6 +136,7 @@ class Synchronizer:
         md = dev.local.md
         dev.syncsrc = SyncSrc.UNDEF
         dev.local_stale.clear()
+        md.localstale = ()
         md.localcnt = dev.secondary_remotecnt
         md.remotecnt = dev.secondary_localcnt
         self.log.debug("Setting localcnt to %d and remotecnt to %d.", md.localcnt, md.remotecnt)
