@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(
     python3 python3-venv python3-dev gcc make
-    util-linux e2fsprogs xfsprogs fuse3 kmod procps psmisc iproute2
+    util-linux e2fsprogs xfsprogs fuse3 kmod procps psmisc iproute2 keepalived
     qemu-utils libnbd-bin nbdkit fio
 )
 

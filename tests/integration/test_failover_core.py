@@ -337,3 +337,33 @@ def test_regression_send_on_a_dying_connection_degrades_instead_of_failing(
         asyncio.run(scenario())
     finally:
         dev.local.close()
+
+
+def test_regression_unaligned_writes_travel_as_whole_sectors(tmp_path: Path) -> None:
+    """A 2-byte write through /dev/hast (e2fsck on the device file) reached the
+    secondary unaligned and was refused with EINVAL (found by the keepalived
+    test): the primary now reads, modifies and writes the covering sectors."""
+    dev = _device(tmp_path)
+    sent: list[tuple[int, int]] = []
+    real_write = dev.local.write
+
+    def recording_write(offset: int, data: bytes | bytearray | memoryview) -> None:
+        sent.append((offset, len(data)))
+        real_write(offset, data)
+
+    dev.local.write = recording_write  # type: ignore[method-assign]
+
+    async def scenario() -> None:
+        await dev.write(0, b"\x11" * 1024, False)
+        await dev.write(1072, b"\xab\xcd", False)
+        await dev.trim(100, 1000, False)  # only sector 512..1024 is whole
+
+    try:
+        asyncio.run(scenario())
+        assert sent == [(0, 1024), (1024, 512)]
+        data = dev.local.read(0, 1536)
+        assert data[:512] == b"\x11" * 512
+        assert data[512:1024] == bytes(512)  # trimmed: the file punches a hole
+        assert data[1024:1072] == bytes(48) and data[1072:1074] == b"\xab\xcd"
+    finally:
+        dev.local.close()

@@ -210,6 +210,16 @@ class PrimaryDevice:
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         length = len(data)
+        mask = self.local.sectorsize - 1
+        if (offset | length) & mask:
+            # Only whole sectors travel (the secondary refuses the rest, as
+            # FreeBSD's does): read, modify, write the covering sectors.
+            start = offset & ~mask
+            end = (offset + length + mask) & ~mask
+            buf = bytearray(await self.read(start, end - start))
+            buf[offset - start : offset - start + length] = data
+            await self.write(start, buf, fua)
+            return
         self.stats.write += 1
         if (
             self.remote_inflight >= MAX_REMOTE_INFLIGHT
@@ -359,6 +369,14 @@ class PrimaryDevice:
     # -- delete, zeroes, flush -------------------------------------------------
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
+        mask = self.local.sectorsize - 1
+        if (offset | length) & mask:
+            # Discard is advisory: drop the partial sectors at both ends.
+            start = (offset + mask) & ~mask
+            end = (offset + length) & ~mask
+            if end <= start:
+                return
+            offset, length = start, end - start
         self.stats.delete += 1
         await self._lock_regular(offset, length)
         try:
