@@ -28,3 +28,11 @@ unit: setup
 bench: setup
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r bench/requirements.txt
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+.PHONY: fault-long fuzz-long
+# Issue 5's long targets (not part of `make test`).
+fault-long: setup
+	$(PY) -m tests.fault.driver --runs 200 --seed 1 --profile long --out tests/fault/results-long.json
+
+fuzz-long: setup
+	$(PY) -m tests.fuzz.long --inputs 1000000

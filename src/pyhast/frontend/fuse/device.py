@@ -284,8 +284,13 @@ class HastDevice:
             if not any(m.mountpoint == self.path for m in kernel.mountinfo()):
                 break
             try:
+                # An open, not a stat: the kernel answers stat from its
+                # attribute cache even when the server is long dead, while an
+                # open always asks the server (ENOTCONN once it is gone).
                 await _in_thread(
-                    lambda: os.stat(self.path), self._remaining(deadline), f"stat {self.path}"
+                    lambda: os.close(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)),
+                    self._remaining(deadline),
+                    f"open {self.path}",
                 )
             except OSError as exc:
                 if exc.errno not in _STALE_ERRNOS:

@@ -1,0 +1,1 @@
+"""Randomized fault runs, split-brain scenarios and their regressions (issue 5)."""
