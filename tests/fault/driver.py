@@ -193,13 +193,13 @@ KNOWN_BUGS: dict[str, str] = {
         "tests/fault/test_regressions.py::"
         "test_regression_write_while_degraded_to_a_locally_stale_extent_is_not_lost"
     ),
+}
+#: Found by this driver and fixed since (their regression tests pass).
+FIXED_BUGS: dict[str, str] = {
     "a restarted primary worker does not recreate its device file": (
         "tests/fault/test_regressions.py::"
         "test_regression_restarted_primary_worker_recreates_its_device"
     ),
-}
-#: Found by this driver and fixed since (their regression tests pass).
-FIXED_BUGS: dict[str, str] = {
     "a local read error was served from a stale secondary": (
         "tests/fault/test_regressions.py::"
         "test_regression_local_read_error_is_not_served_from_a_stale_secondary"
