@@ -239,15 +239,6 @@ def test_regression_restarted_primary_worker_recreates_its_device(tmp_path: Path
         assert cl.device("nodea", "r0").stat().st_size > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "src/pyhast/worker/sync.py / primary.py: an extent whose local copy is stale "
-        "(a local write failed, the secondary took it) is synchronised from the peer as a "
-        "whole; a write to another block of that extent acknowledged while the peer was "
-        "away exists only locally, and the resync copies the peer's older block over it."
-    ),
-)
 def test_regression_write_while_degraded_to_a_locally_stale_extent_is_not_lost(
     tmp_path: Path,
 ) -> None:

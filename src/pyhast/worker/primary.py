@@ -182,7 +182,7 @@ class PrimaryDevice:
                 if self.syncsrc is SyncSrc.SECONDARY or self.local_stale:
                     self.stats.read_error += 1
                     raise
-        if self.local_stale and any(e in self.local_stale for e in self._extents(offset, length)):
+        if self.local_stale and self._touches_stale(offset, length):
             # Only the peer has the acknowledged data, and it is not here.
             self.stats.read_error += 1
             raise OSError(errno.EIO, "The local copy is stale and the secondary is away")
@@ -221,6 +221,11 @@ class PrimaryDevice:
             await self.write(start, buf, fua)
             return
         self.stats.write += 1
+        if self.local_stale and not self.connected and self._touches_stale(offset, length):
+            # The extent will be copied back whole from the peer: a block
+            # written here now would be overwritten then.  Refuse it.
+            self.stats.write_error += 1
+            raise OSError(errno.EIO, "The extent's local copy is stale and the secondary is away")
         if (
             self.remote_inflight >= MAX_REMOTE_INFLIGHT
             or self.remote_inflight_bytes >= MAX_REMOTE_INFLIGHT_BYTES
@@ -355,6 +360,9 @@ class PrimaryDevice:
         # Marked first, so the extent never looks clean in between.
         self._complete(offset, length)
 
+    def _touches_stale(self, offset: int, length: int) -> bool:
+        return any(e in self.local_stale for e in self._extents(offset, length))
+
     async def mark_local_stale(self, extents: Iterable[int]) -> None:
         """Record extents whose local copy is stale, durably (metadata block)."""
         before = len(self.local_stale)
@@ -369,6 +377,8 @@ class PrimaryDevice:
     # -- delete, zeroes, flush -------------------------------------------------
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
+        if self.local_stale and not self.connected and self._touches_stale(offset, length):
+            raise OSError(errno.EIO, "The extent's local copy is stale and the secondary is away")
         mask = self.local.sectorsize - 1
         if (offset | length) & mask:
             # Discard is advisory: drop the partial sectors at both ends.
