@@ -150,8 +150,13 @@ class Node:
         if self.loopdev:
             run("losetup", "-d", self.loopdev, check=False)
             self.loopdev = None
-        if os.path.ismount(self.devdir / RES) or os.path.ismount(self.devdir):
-            run("fusermount3", "-u", "-z", str(self.device), check=False)
+        # A dead primary leaves its FUSE mount behind (stat on it may fail):
+        # look in the mount table, not at the file.
+        with open("/proc/self/mounts") as f:
+            mounts = [line.split()[1] for line in f]
+        for mnt in mounts:
+            if mnt.startswith(str(self.dir) + "/"):
+                run("umount", "-l", mnt, check=False)
 
 
 def data_area(image: Path) -> tuple[int, int]:
