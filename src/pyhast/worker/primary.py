@@ -25,10 +25,10 @@ import asyncio
 import errno
 import functools
 import logging
-import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from pyhast.defaults import MAXPHYS
+from pyhast.disk.rangelock import RangeLocks
 from pyhast.enums import Replication, SyncSrc
 from pyhast.worker.local import LocalComponent
 from pyhast.worker.remote import RemoteComponent, RemoteRequest
@@ -483,9 +483,6 @@ class PrimaryDevice:
             "idle_queue_size": 0,
         }
 
-    def now(self) -> float:
-        return time.monotonic()
-
 
 class _Ranges:
     """RangeLocks with a tiny fast path for the common empty case."""
@@ -493,8 +490,6 @@ class _Ranges:
     __slots__ = ("_locks",)
 
     def __init__(self) -> None:
-        from pyhast.disk.rangelock import RangeLocks
-
         self._locks = RangeLocks()
 
     def islocked(self, offset: int, length: int) -> bool:

@@ -20,8 +20,8 @@ from typing import Any
 
 from pyhast.config import ResourceConfig
 from pyhast.defaults import HAST_DEVDIR, HAST_KEEPALIVE
-from pyhast.enums import Checksum, Compression, Event, Replication, Role, SyncSrc
-from pyhast.errors import ExitCode, HastError, ProtocolError
+from pyhast.enums import Checksum, Compression, Event, Replication, Role
+from pyhast.errors import ExitCode, ProtocolError
 from pyhast.frontend.fuse import DeviceError, HastDevice
 from pyhast.frontend.nbd.server import NBDServer
 from pyhast.transport.aio import FramedConn
@@ -407,10 +407,3 @@ class PrimaryWorker:
         reply = NV()
         reply.add_int16("error", 0)
         return reply
-
-
-def syncsrc_label(s: SyncSrc) -> str:
-    return s.name.lower()
-
-
-__all__ = ["HastError", "PrimaryWorker"]

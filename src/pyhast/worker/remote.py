@@ -20,7 +20,6 @@ import logging
 import time
 from collections.abc import Callable
 
-from pyhast.defaults import HAST_PROTO_VERSION
 from pyhast.enums import Checksum, Compression, HioCmd
 from pyhast.errors import ProtocolError
 from pyhast.transport.aio import FramedConn
@@ -204,7 +203,3 @@ class RemoteComponent:
         for req in pending.values():
             req.finish(errno.ENOTCONN)
         self._on_disconnect(reason)
-
-    @property
-    def protocol_version(self) -> int:
-        return min(self.version, HAST_PROTO_VERSION)
