@@ -288,3 +288,54 @@ def test_regression_write_while_degraded_to_a_locally_stale_extent_is_not_lost(
         assert isinstance(got, bytes), got
         assert got == new_y, "the acknowledged write was lost" if got == old_y else repr(got[:16])
         assert nbd.data_area(cl.local("nodeb", "r0"), y, BS) == new_y
+
+
+@pytest.mark.parametrize("mode", ["async", "fullsync"])
+def test_regression_stale_extent_copied_back_whole_loses_a_write_the_secondary_missed(
+    tmp_path: Path, mode: str
+) -> None:
+    """A block the secondary missed is not overwritten by a copy back from it.
+
+    Caught by the fault driver, seed 27 (long, async): 3 acknowledged writes
+    lost.  A local write error made an extent "locally stale" and the whole
+    extent was then copied from the secondary -- including blocks written
+    later and acknowledged from the primary's disk whose remote write had
+    failed (there: a link stall).  Now only the failed range is stale.
+    """
+    cl = FaultEnvCluster(tmp_path, size=8 * MiB, resource_options={"r0": [f"replication {mode}"]})
+    with cl:
+        cl.create("-e", str(EXTENT))
+        cl.start("nodea")
+        cl.start("nodeb")
+        cl.role("nodeb", "secondary")
+        cl.role("nodea", "primary")
+        cl.wait_synced("r0")
+        uri = cl.nbd_uri("nodea", "r0")
+        x, y = 5 * EXTENT, 5 * EXTENT + 16 * BS  # two blocks of one extent
+        old_y, new_y = make_block(6, 2, 1, BS), make_block(6, 2, 2, BS)
+        new_x = make_block(6, 1, 1, BS)
+        assert nbd_io(uri, ("w", y, old_y)) == [b""]
+        cl.wait_synced("r0")
+        localoff = nbd.read_metadata(cl.local("nodea", "r0")).localoff
+
+        # x fails on the primary's disk, lands on the secondary: x is stale here.
+        write_rules(
+            cl.fault_files["nodea"],
+            [{"op": "write", "path": "r0-nodea", "offset": localoff + x, "length": BS, "errno": 5}],
+        )
+        assert nbd_io(uri, ("w", x, new_x)) == [b""]
+        # y lands here but fails on the secondary's disk: acknowledged from ours.
+        write_rules(
+            cl.fault_files["nodeb"],
+            [{"op": "write", "path": "r0-nodeb", "offset": localoff + y, "length": BS, "errno": 5}],
+        )
+        assert nbd_io(uri, ("w", y, new_y)) == [b""]
+        write_rules(cl.fault_files["nodeb"], [])
+        write_rules(cl.fault_files["nodea"], [])
+        cl.wait_synced("r0")
+
+        assert nbd_io(uri, ("r", x, BS), ("r", y, BS)) == [new_x, new_y]
+        for node in ("nodea", "nodeb"):
+            assert nbd.data_area(cl.local(node, "r0"), x, BS) == new_x, node
+            got = nbd.data_area(cl.local(node, "r0"), y, BS)
+            assert got == new_y, f"{node}: " + ("lost" if got == old_y else repr(got[:16]))

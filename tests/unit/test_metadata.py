@@ -102,9 +102,10 @@ def test_create_refusals(provider: Provider, kwargs: dict[str, int], message: st
 
 
 def test_localstale_is_an_optional_extra_field() -> None:
-    md = Metadata("r0", 1000 * 512, 65536, 64, 4608, localstale=(7, 3))
+    # offset, length pairs of stale byte ranges, kept as given
+    md = Metadata("r0", 1000 * 512, 65536, 64, 4608, localstale=(4096, 512, 0, 1024))
     nv = NV.decode(md.encode())
-    assert nv.get_array("localstale", NVType.UINT64_ARRAY) == (3, 7)
-    assert Metadata.decode(md.encode()).localstale == (3, 7)
-    # Without stale extents the block is exactly FreeBSD's field set.
+    assert nv.get_array("localstale", NVType.UINT64_ARRAY) == (4096, 512, 0, 1024)
+    assert Metadata.decode(md.encode()).localstale == (4096, 512, 0, 1024)
+    # Without stale ranges the block is exactly FreeBSD's field set.
     assert "localstale" not in NV.decode(Metadata("r0", 512, 65536, 64, 4608).encode())

@@ -37,13 +37,14 @@ Caller contract (write-ahead rule)
   the on-disk image gained a bit. The caller must then write ``bitmap()`` at
   offset ``METADATA_SIZE`` of the provider (and flush it if ``metaflush`` is
   on) **before dispatching the data write**, and before dispatching any other
-  write it has started meanwhile (FreeBSD does this synchronously in its single
-  ``ggate_recv`` thread). A False result only means "this call added nothing";
-  a write must still not be dispatched before an earlier bitmap write that was
-  asked for has completed.
+  write it has started meanwhile to the same extents (FreeBSD serialises every
+  write behind it in its single ``ggate_recv`` thread). A False result only
+  means "this call added nothing"; a write must still not be dispatched before
+  an earlier bitmap write that was asked for one of its extents has completed.
 * ``write_complete``, ``extent_complete`` and ``clear_all`` return True when
   the image lost a bit; rewriting it is lazy (it only shrinks what a crash
-  would resynchronise).
+  would resynchronise: the worker writes it with the next bitmap write, or
+  without a flush after a second).
 * Remote failures: call ``need_sync`` for the write's range **before**
   ``write_complete``, so that the extent never looks clean in between.
 

@@ -43,9 +43,10 @@ class Metadata:
     localcnt: int = 0
     remotecnt: int = 0
     prevrole: Role = Role.INIT
-    #: pyhast: extents whose local copy is stale (a local write failed while
-    #: the peer's succeeded); they are synchronised from the peer.  Stored as
-    #: the uint64 array ``localstale``, which FreeBSD's reader ignores.
+    #: pyhast: byte ranges of the data area whose local copy is stale (a local
+    #: write failed while the peer's succeeded), as flattened ``offset,
+    #: length`` pairs; they are synchronised from the peer.  Stored as the
+    #: uint64 array ``localstale``, which FreeBSD's reader ignores.
     localstale: tuple[int, ...] = ()
 
     @property
@@ -67,7 +68,7 @@ class Metadata:
         nv.add_uint64("remotecnt", self.remotecnt)
         nv.add_string("prevrole", self.prevrole.label)
         if self.localstale:
-            nv.add_array("localstale", NVType.UINT64_ARRAY, sorted(self.localstale))
+            nv.add_array("localstale", NVType.UINT64_ARRAY, self.localstale)
         data = nv.encode()
         if len(data) >= METADATA_SIZE:
             raise MetadataError("Metadata does not fit in its 4096-byte block.")

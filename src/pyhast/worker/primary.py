@@ -15,8 +15,13 @@ A write, in order (spec 5 and 7, with FreeBSD's gaps fixed):
    (disconnect) marks the range for synchronisation; only then does
    ``write_complete`` run and the range lock go.
 
-A failed local write with a successful remote one marks the extent stale
-locally: it is synchronised from the secondary and its reads go to the peer.
+A failed local write with a successful remote one marks its byte range
+stale locally (:class:`~pyhast.disk.stale.StaleRanges`, persisted in the
+metadata block before the write is acknowledged): that range is copied back
+from the secondary and read from it meanwhile.  A later successful local write
+to the range makes it current again (also persisted before the ack).  Only
+the range, never the whole extent: other blocks of the extent may hold
+acknowledged data that only the primary has.
 """
 
 from __future__ import annotations
@@ -25,10 +30,11 @@ import asyncio
 import errno
 import functools
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 
 from pyhast.defaults import MAXPHYS
 from pyhast.disk.rangelock import RangeLocks
+from pyhast.disk.stale import StaleRanges
 from pyhast.enums import Replication, SyncSrc
 from pyhast.worker.local import LocalComponent
 from pyhast.worker.remote import RemoteComponent, RemoteRequest
@@ -85,8 +91,8 @@ class PrimaryDevice:
         self._regular = _Ranges()
         self._sync = _Ranges()
         self._changed = asyncio.Event()
-        #: extents whose local copy is stale (a local write failed)
-        self.local_stale: set[int] = set()
+        #: byte ranges whose local copy is stale (a local write failed)
+        self.local_stale = StaleRanges()
         self.inflight = 0
         self.remote_inflight = 0
         self.remote_inflight_bytes = 0
@@ -126,12 +132,10 @@ class PrimaryDevice:
         return range(first, last + 1)
 
     def _read_from_remote(self, offset: int, length: int) -> bool:
-        if not self.connected:
-            return False
-        if self.syncsrc is SyncSrc.SECONDARY and self.am.in_syncmap(offset, length):
-            return True
-        return bool(self.local_stale) and any(
-            e in self.local_stale for e in self._extents(offset, length)
+        return (
+            self.connected
+            and self.syncsrc is SyncSrc.SECONDARY
+            and self.am.in_syncmap(offset, length)
         )
 
     async def _write_start(self, offset: int, length: int) -> None:
@@ -142,9 +146,9 @@ class PrimaryDevice:
         and still be waiting for it to complete.
         """
         if self.am.write_start(offset, length):
-            await self._bitmap_flush_logged()
+            await self._bitmap_flush_logged(extents=self._extents(offset, length))
         else:
-            await self.local.bitmap_settled()
+            await self.local.bitmap_settled(self._extents(offset, length))
 
     async def _mark_need_sync(self, offset: int, length: int) -> None:
         if self.am.need_sync(offset, length):
@@ -154,9 +158,11 @@ class PrimaryDevice:
             # the next reconnect.
             self.on_need_sync()
 
-    async def _bitmap_flush_logged(self, *, lazy: bool = False) -> None:
+    async def _bitmap_flush_logged(
+        self, *, lazy: bool = False, extents: range | None = None
+    ) -> None:
         try:
-            await self.local.bitmap_flush(lazy=lazy)
+            await self.local.bitmap_flush(lazy=lazy, extents=extents)
         except OSError:
             pass  # logged by bitmap_flush; the in-memory map still tracks it
 
@@ -175,17 +181,14 @@ class PrimaryDevice:
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         self.stats.read += 1
+        if self.local_stale and self.local_stale.overlaps(offset, length):
+            return await self._read_around_stale(offset, length)
         if self._read_from_remote(offset, length):
             try:
                 return await self._remote_read(offset, length)
             except OSError:
-                if self.syncsrc is SyncSrc.SECONDARY or self.local_stale:
-                    self.stats.read_error += 1
-                    raise
-        if self.local_stale and self._touches_stale(offset, length):
-            # Only the peer has the acknowledged data, and it is not here.
-            self.stats.read_error += 1
-            raise OSError(errno.EIO, "The local copy is stale and the secondary is away")
+                self.stats.read_error += 1
+                raise
         try:
             return self.local.read(offset, length)
         except OSError as exc:
@@ -196,6 +199,28 @@ class PrimaryDevice:
                 raise
             self.log.warning("Local read failed (%s); reading from the secondary.", exc.strerror)
             return await self._remote_read(offset, length)
+
+    async def _read_around_stale(self, offset: int, length: int) -> bytes:
+        """Stale pieces from the peer (only it has them), the rest from here.
+
+        The rest must not come from the peer: it may lack acknowledged writes
+        whose remote outcome was unknown (marked for synchronisation).
+        """
+        if not self.connected:
+            # Only the peer has the acknowledged data, and it is not here.
+            self.stats.read_error += 1
+            raise OSError(errno.EIO, "The local copy is stale and the secondary is away")
+        parts: list[bytes | bytearray | memoryview] = []
+        try:
+            for off, n, stale in list(self.local_stale.split(offset, length)):
+                if stale:
+                    parts.append(await self._remote_read(off, n))
+                else:
+                    parts.append(self.local.read(off, n))
+        except OSError:
+            self.stats.read_error += 1
+            raise
+        return b"".join(parts)
 
     async def _remote_read(self, offset: int, length: int) -> bytes | memoryview:
         assert self.remote is not None
@@ -221,11 +246,6 @@ class PrimaryDevice:
             await self.write(start, buf, fua)
             return
         self.stats.write += 1
-        if self.local_stale and not self.connected and self._touches_stale(offset, length):
-            # The extent will be copied back whole from the peer: a block
-            # written here now would be overwritten then.  Refuse it.
-            self.stats.write_error += 1
-            raise OSError(errno.EIO, "The extent's local copy is stale and the secondary is away")
         if (
             self.remote_inflight >= MAX_REMOTE_INFLIGHT
             or self.remote_inflight_bytes >= MAX_REMOTE_INFLIGHT_BYTES
@@ -244,9 +264,20 @@ class PrimaryDevice:
                 lerr = exc.errno or errno.EIO
             remote = self.remote if self.connected else None
             req = remote.write(offset, data, mode is Replication.MEMSYNC) if remote else None
+            current = not lerr and self.local_stale.overlaps(offset, length)
+            if current:
+                # The range is current here again: the peer no longer knows
+                # better (its copy of this write may yet fail).
+                self.local_stale.remove(offset, length)
             if req is None:
                 await self._mark_need_sync(offset, length)
                 self._bump_localcnt_if_degraded()
+            perr = 0
+            if current:
+                try:
+                    await self.persist_stale()
+                except OSError as exc:
+                    perr = exc.errno or errno.EIO
             if lerr:
                 self.stats.write_error += 1
                 self.log.error(
@@ -265,7 +296,8 @@ class PrimaryDevice:
                 else:
                     rerr = 0
                 if req.done.done():
-                    await self._remote_write_done(req, offset, length, lerr)
+                    if await self._remote_write_done(req, offset, length, lerr):
+                        rerr = rerr or errno.EIO  # the stale range could not be recorded
                 else:
                     released = True
                     req.done.add_done_callback(
@@ -279,6 +311,8 @@ class PrimaryDevice:
                 self._complete(offset, length)
                 if lerr:
                     raise OSError(lerr, "Local write failed")
+            if perr:
+                raise OSError(perr, "Unable to record that the range is current")
         finally:
             if not released:
                 self._unlock_regular(offset, length)
@@ -338,8 +372,10 @@ class PrimaryDevice:
 
     async def _remote_write_done(
         self, req: RemoteRequest, offset: int, length: int, lerr: int
-    ) -> None:
+    ) -> int:
+        """Settle a write's remote outcome; nonzero: it must not be acknowledged."""
         self._remote_settled(length)
+        werr = 0
         rerr = req.done.result()
         if rerr:
             # Failed or unknown outcome: the secondary may hold stale data.
@@ -354,31 +390,45 @@ class PrimaryDevice:
         elif lerr:
             # The remote copy is good, the local one is not: remember it on
             # disk before the write is acknowledged, so that a restart copies
-            # the extent from the peer and not the other way round.
-            await self.mark_local_stale(self._extents(offset, length))
-            await self._mark_need_sync(offset, length)
+            # the range from the peer and not the other way round.
+            try:
+                await self.mark_local_stale(offset, length)
+            except OSError as exc:
+                werr = exc.errno or errno.EIO
         # Marked first, so the extent never looks clean in between.
         self._complete(offset, length)
+        return werr
 
-    def _touches_stale(self, offset: int, length: int) -> bool:
-        return any(e in self.local_stale for e in self._extents(offset, length))
+    async def mark_local_stale(self, offset: int, length: int) -> None:
+        """Record a range whose local copy is stale, durably, and mark it for
+        synchronisation (both in memory in one step: a synchronisation ending
+        in between would otherwise forget it)."""
+        changed = self.am.need_sync(offset, length)
+        self.local_stale.add(offset, length)
+        await self.persist_stale()
+        if changed:
+            await self._bitmap_flush_logged()
+        if self.connected and self.on_need_sync is not None:
+            self.on_need_sync()
 
-    async def mark_local_stale(self, extents: Iterable[int]) -> None:
-        """Record extents whose local copy is stale, durably (metadata block)."""
-        before = len(self.local_stale)
-        self.local_stale.update(extents)
-        if len(self.local_stale) != before:
-            await self.local.metadata_write_durable(localstale=tuple(self.local_stale))
+    async def persist_stale(self) -> None:
+        """Store the stale ranges in the metadata block, durably (OSError on failure)."""
+        try:
+            await self.local.metadata_write_durable(localstale=self.local_stale.to_array())
+        except Exception as exc:
+            self.log.error("Unable to store the stale ranges in the metadata: %s", exc)
+            raise OSError(errno.EIO, "Unable to store the stale ranges") from exc
 
     def _complete(self, offset: int, length: int) -> None:
         if self.am.write_complete(offset, length):
-            asyncio.get_running_loop().create_task(self._bitmap_flush_logged(lazy=True))
+            self.local.bitmap_lost_bits()
 
     # -- delete, zeroes, flush -------------------------------------------------
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
-        if self.local_stale and not self.connected and self._touches_stale(offset, length):
-            raise OSError(errno.EIO, "The extent's local copy is stale and the secondary is away")
+        if not self.connected and self.local_stale.overlaps(offset, length):
+            # Discard is advisory; refused rather than guessed at.
+            raise OSError(errno.EIO, "The local copy is stale and the secondary is away")
         mask = self.local.sectorsize - 1
         if (offset | length) & mask:
             # Discard is advisory: drop the partial sectors at both ends.
@@ -397,6 +447,12 @@ class PrimaryDevice:
             except OSError as exc:
                 lerr = exc.errno or errno.EIO
             req = self.remote.delete(offset, length) if self.connected and self.remote else None
+            if not lerr and self.local_stale.overlaps(offset, length):
+                self.local_stale.remove(offset, length)
+                try:
+                    await self.persist_stale()
+                except OSError as exc:
+                    lerr = exc.errno or errno.EIO
             if req is None:
                 await self._mark_need_sync(offset, length)
                 self._bump_localcnt_if_degraded()

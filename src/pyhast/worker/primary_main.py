@@ -20,8 +20,9 @@ from typing import Any
 
 from pyhast.config import ResourceConfig
 from pyhast.defaults import HAST_DEVDIR, HAST_KEEPALIVE
+from pyhast.disk.stale import StaleRanges
 from pyhast.enums import Checksum, Compression, Event, Replication, Role
-from pyhast.errors import ExitCode, ProtocolError
+from pyhast.errors import ExitCode, MetadataError, ProtocolError
 from pyhast.frontend.fuse import DeviceError, HastDevice
 from pyhast.frontend.nbd.server import NBDServer
 from pyhast.transport.aio import FramedConn
@@ -114,14 +115,21 @@ class PrimaryWorker:
         dev.on_need_sync = self._sync_needed
         if md.localstale:
             # A local write failed before the last exit: only the peer has those
-            # extents right; they are copied from it at the next connection.
-            dev.local_stale = set(md.localstale)
-            for ext in md.localstale:
-                if ext < dev.am.nextents:
-                    dev.am.need_sync(dev.am.extent_offset(ext), dev.am.extent_length(ext))
+            # ranges right; they are copied from it at the next connection.
+            try:
+                stale = StaleRanges.from_array(md.localstale)
+            except ValueError as exc:
+                raise MetadataError(f"Invalid stale ranges in the metadata: {exc}.") from exc
+            for off, n in stale:
+                if off + n > md.datasize:
+                    raise MetadataError(f"Stale range {off}+{n} in the metadata is past the end.")
+                dev.am.need_sync(off, n)
+            dev.local_stale = stale
             self.log.warning(
-                "%d extents have a stale local copy; they will be synchronized from the peer.",
-                len(md.localstale),
+                "%d bytes in %d ranges have a stale local copy; they will be synchronized "
+                "from the peer.",
+                stale.nbytes,
+                len(stale),
             )
         # Until a handshake tells us, the peer's counters are the mirror of
         # ours (what the last completed synchronisation left): so the first

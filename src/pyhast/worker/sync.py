@@ -8,9 +8,13 @@ target; an extent is marked clean only once all its chunks succeeded
 (``extent_complete``), so an interrupted or failed pass resumes where the
 map says.
 
-Direction per chunk: from the secondary when the handshake said so
-(``syncsrc`` secondary) or when the extent's local copy is known stale (a
-local write failed); otherwise from the primary.
+Direction: from the secondary when the handshake said so (``syncsrc``
+secondary); otherwise from the primary, except the byte ranges whose local
+copy is known stale (a local write failed), which come from the secondary.
+
+The pass ends, and the bookkeeping of a completed synchronisation happens,
+only when the map is empty with no await in between: an extent marked while
+the completion is being announced starts another pass.
 """
 
 from __future__ import annotations
@@ -77,7 +81,11 @@ class Synchronizer:
             while dev.connected:
                 self.am.sync_rewind()
                 if self.am.nsync == 0:
-                    break
+                    self._settle()  # no await since the check
+                    await self._complete()
+                    if self.am.nsync == 0 or not dev.connected:
+                        return
+                    continue
                 if not self.active:
                     self.active = True
                     self.started_at = time.monotonic()
@@ -100,12 +108,9 @@ class Synchronizer:
                 self._interrupted()
                 await asyncio.shield(self.send_event(Event.SYNCINTR))
             raise
-        if not dev.connected:
-            if self.active:
-                self._interrupted()
-                await self.send_event(Event.SYNCINTR)
-            return
-        await self._complete()
+        if self.active:
+            self._interrupted()
+            await self.send_event(Event.SYNCINTR)
 
     def _interrupted(self) -> None:
         self.active = False
@@ -117,8 +122,20 @@ class Synchronizer:
             self.synced,
         )
 
-    async def _complete(self) -> None:
+    def _settle(self) -> None:
+        """The nodes are in sync: counters and stale ranges say so (synchronous)."""
         dev = self.dev
+        md = dev.local.md
+        dev.syncsrc = SyncSrc.UNDEF
+        # Every stale range was in the map and has been copied (and removed).
+        dev.local_stale.clear()
+        md.localstale = ()
+        md.localcnt = dev.secondary_remotecnt
+        md.remotecnt = dev.secondary_localcnt
+        self.log.debug("Setting localcnt to %d and remotecnt to %d.", md.localcnt, md.remotecnt)
+        dev.local.metadata_write()
+
+    async def _complete(self) -> None:
         if self.active:
             elapsed = max(time.monotonic() - self.started_at, 1e-6)
             self.log.info(
@@ -133,14 +150,6 @@ class Synchronizer:
                 await self.send_event(Event.SYNCDONE)
         else:
             self.log.info("Nodes are in sync.")
-        md = dev.local.md
-        dev.syncsrc = SyncSrc.UNDEF
-        dev.local_stale.clear()
-        md.localstale = ()
-        md.localcnt = dev.secondary_remotecnt
-        md.remotecnt = dev.secondary_localcnt
-        self.log.debug("Setting localcnt to %d and remotecnt to %d.", md.localcnt, md.remotecnt)
-        dev.local.metadata_write()
 
     async def _pass(self) -> int:
         """Copy every chunk of this pass; returns the number of failed chunks."""
@@ -197,34 +206,59 @@ class Synchronizer:
             remote = dev.remote
             if remote is None or not remote.connected:
                 return False
-            from_secondary = dev.syncsrc is SyncSrc.SECONDARY or ext in dev.local_stale
-            if from_secondary:
-                req = remote.read(offset, length)
-                err = await req.done
-                if err:
-                    self._chunk_error("read", offset, length, err)
-                    return False
-                assert req.data is not None
-                try:
-                    dev.local.write(offset, req.data)
-                except OSError as exc:
-                    self._chunk_error("write", offset, length, exc.errno or errno.EIO)
-                    return False
+            if dev.syncsrc is SyncSrc.SECONDARY:
+                pieces = [(offset, length, True)]
             else:
-                try:
-                    data = dev.local.read(offset, length)
-                except OSError as exc:
-                    self._chunk_error("read", offset, length, exc.errno or errno.EIO)
-                    return False
-                req = remote.write(offset, data, memsync=False)
-                err = await req.done
-                if err:
-                    self._chunk_error("write", offset, length, err)
+                pieces = list(dev.local_stale.split(offset, length))
+            for off, n, from_secondary in pieces:
+                if from_secondary:
+                    if not await self._copy_from_secondary(off, n):
+                        return False
+                elif not await self._copy_to_secondary(off, n):
                     return False
             self.synced += length
             return True
         finally:
             dev.unlock_sync(offset, length)
+
+    async def _copy_from_secondary(self, offset: int, length: int) -> bool:
+        dev = self.dev
+        assert dev.remote is not None
+        req = dev.remote.read(offset, length)
+        err = await req.done
+        if err:
+            self._chunk_error("read", offset, length, err)
+            return False
+        assert req.data is not None
+        try:
+            dev.local.write(offset, req.data)
+        except OSError as exc:
+            self._chunk_error("write", offset, length, exc.errno or errno.EIO)
+            return False
+        if dev.local_stale.overlaps(offset, length):
+            # Current here now: recorded before the range lock goes, so that
+            # a later write of it is not undone by a restart.
+            dev.local_stale.remove(offset, length)
+            try:
+                await dev.persist_stale()
+            except OSError:
+                return False
+        return True
+
+    async def _copy_to_secondary(self, offset: int, length: int) -> bool:
+        dev = self.dev
+        assert dev.remote is not None
+        try:
+            data = dev.local.read(offset, length)
+        except OSError as exc:
+            self._chunk_error("read", offset, length, exc.errno or errno.EIO)
+            return False
+        req = dev.remote.write(offset, data, memsync=False)
+        err = await req.done
+        if err:
+            self._chunk_error("write", offset, length, err)
+            return False
+        return True
 
     def _chunk_error(self, what: str, offset: int, length: int, err: int) -> None:
         if err == errno.ENOTCONN:
