@@ -384,6 +384,9 @@ class ReadStats:
     errors: int = 0
     stale: int = 0
     corrupt: int = 0
+    #: torn data read from a block whose latest write was not acknowledged
+    #: (allowed when the run simulates a disk that tears writes)
+    torn_unacked: int = 0
     details: list[str] = field(default_factory=list)
 
 
@@ -407,8 +410,10 @@ class Writer:
         seed: int,
         read_interval: float,
         flush_interval: float = 0.2,
+        allow_torn: bool = False,
     ) -> None:
         self.journal = journal
+        self.allow_torn = allow_torn
         self.depth = depth
         self.rng = random.Random(seed)
         self.read_interval = read_interval
@@ -568,6 +573,9 @@ class Writer:
             rs.checked += 1
             found = decode_block(data, j.run, i)
             st = j.blocks.get(i)
+            if found == CORRUPT and self.allow_torn and st is not None and st.issued > st.acked:
+                rs.torn_unacked += 1
+                continue
             if found == CORRUPT:
                 rs.corrupt += 1
                 if len(rs.details) < 20:
@@ -668,6 +676,10 @@ class RunResult:
     read_errors: int = 0
     stale_reads: int = 0
     corrupt_reads: int = 0
+    #: blocks (final checks) and reads (during the run) holding torn data of a
+    #: write that was never acknowledged: allowed with simulated torn writes
+    torn_unacked_blocks: int = 0
+    torn_unacked_reads: int = 0
     transitions_checked: int = 0
     connections: int = 0
     tracebacks: int = 0
@@ -915,8 +927,15 @@ class Runner:
     # -- checks ----------------------------------------------------------------------
 
     def judge(self, image: bytes, what: str, *, window: float, reference: float) -> CheckReport:
-        rep = check(self.j, image, window=window, reference=reference)
+        rep = check(
+            self.j,
+            image,
+            window=window,
+            reference=reference,
+            allow_torn_unacked="disk_primary_torn" in self.result.faults,
+        )
         r = self.result
+        r.torn_unacked_blocks += len(rep.torn_unacked)
         r.lost += rep.lost_acks
         r.lost_blocks += len(rep.lost)
         r.lost_in_window += rep.lost_acks_in_window
@@ -1028,7 +1047,13 @@ class Runner:
         self.journal = Journal(
             run=random.Random(sc.seed).getrandbits(63) or 1, bs=BS, base=0, nblocks=nblocks
         )
-        self.writer = Writer(self.j, depth=sc.depth, seed=sc.seed, read_interval=sc.read_interval)
+        self.writer = Writer(
+            self.j,
+            depth=sc.depth,
+            seed=sc.seed,
+            read_interval=sc.read_interval,
+            allow_torn="disk_primary_torn" in self.result.faults,
+        )
         self.w.set_target(uri)
         self.w.start()
         self.w.wait_progress(sc.warmup_writes, PROGRESS_TIMEOUT)
@@ -1064,6 +1089,7 @@ class Runner:
             r.read_errors = w.reads.errors
             r.stale_reads = w.reads.stale
             r.corrupt_reads = w.reads.corrupt
+            r.torn_unacked_reads = w.reads.torn_unacked
             r.details += w.reads.details
             r.details += w.errors
             r.connections = w.connections
@@ -1371,6 +1397,8 @@ def aggregate(results: Sequence[RunResult], **meta: Any) -> dict[str, Any]:
             "read_errors",
             "stale_reads",
             "corrupt_reads",
+            "torn_unacked_blocks",
+            "torn_unacked_reads",
             "transitions_checked",
             "tracebacks",
             "splitbrains",

@@ -734,6 +734,9 @@ class CheckReport:
     #: losses tolerated by the allowed window (async)
     in_window: list[Finding] = field(default_factory=list)
     corrupt: list[Finding] = field(default_factory=list)
+    #: torn blocks whose latest write was never acknowledged (allowed only
+    #: with ``allow_torn_unacked``: a disk that tears writes was simulated)
+    torn_unacked: list[Finding] = field(default_factory=list)
     #: acknowledged writes lost (outside the window / inside it)
     lost_acks: int = 0
     lost_acks_in_window: int = 0
@@ -753,6 +756,11 @@ class CheckReport:
             f"unacknowledged, {self.zero} never written), {self.lost_acks} acknowledged writes "
             f"lost in {len(self.lost)} blocks, {len(self.corrupt)} corrupt blocks"
         )
+        if self.torn_unacked:
+            text += (
+                f"; {len(self.torn_unacked)} blocks torn by a write that was never "
+                "acknowledged (allowed: torn writes were simulated)"
+            )
         if self.in_window or self.window_needed:
             text += (
                 f"; {self.lost_acks_in_window} acknowledged writes in {len(self.in_window)} "
@@ -777,6 +785,7 @@ def check(
     window: float = 0.0,
     reference: float | None = None,
     outside_zero: bool = False,
+    allow_torn_unacked: bool = False,
 ) -> CheckReport:
     """Judge ``image`` (device bytes from ``image_offset``) against ``journal``.
 
@@ -785,6 +794,9 @@ def check(
     a loss is tolerated (``in_window``) when every lost acknowledgement is
     at most ``window`` seconds older than ``reference`` (default: the end of
     the run).  ``outside_zero``: the rest of the image must be zeros.
+    ``allow_torn_unacked``: a block that does not verify is not corrupt when
+    its latest write was never acknowledged (a disk fault that tears writes
+    leaves such a block undefined, like a real disk's failed write).
     """
     j = journal
     ref = j.ended_at if reference is None else reference
@@ -802,6 +814,9 @@ def check(
         st = j.blocks.get(i, BlockState())
         acked = st.acked
         finding = Finding(i, j.offset(i), found, acked, sorted(st.unresolved))
+        if found == CORRUPT and allow_torn_unacked and st.issued > acked:
+            rep.torn_unacked.append(finding)
+            continue
         if found == CORRUPT or (isinstance(found, int) and found > st.issued):
             rep.corrupt.append(finding)
             continue

@@ -130,6 +130,26 @@ def test_torn_and_outside_bytes() -> None:
         check(j, img[: j.base + BS])  # too short
 
 
+def test_torn_unacked_only_when_allowed_and_only_after_an_unacknowledged_write() -> None:
+    j = journal_of(
+        {
+            0: BlockState(acks=[(1, 1.0)], unresolved={2}, issued=2),  # v2 failed
+            1: BlockState(acks=[(1, 1.0), (2, 2.0)], issued=2),  # v2 acknowledged
+        },
+        nblocks=2,
+    )
+    torn = {
+        i: make_block(j.run, i, 1, BS)[:2048] + make_block(j.run, i, 2, BS)[2048:] for i in (0, 1)
+    }
+    img = image_of(j, torn)
+    strict = check(j, img)
+    assert [f.block for f in strict.corrupt] == [0, 1] and not strict.torn_unacked
+    lenient = check(j, img, allow_torn_unacked=True)
+    assert [f.block for f in lenient.torn_unacked] == [0]
+    assert [f.block for f in lenient.corrupt] == [1]  # torn after an ack: always corrupt
+    assert "torn by a write that was never acknowledged" in lenient.summary()
+
+
 def test_journal_json_round_trip() -> None:
     j = journal_of({3: BlockState(acks=[(1, 5.0)], unresolved={2}, issued=2)})
     j.issued, j.acked, j.failed, j.errors = 2, 1, 1, {errno.EIO: 1}
