@@ -140,6 +140,27 @@ def test_round_trip_both_directions(size: int) -> None:
     run(main())
 
 
+def test_large_and_small_frames_interleaved_arrive_intact() -> None:
+    """Large payloads are read straight into their buffers, small ones are not:
+    the boundary between the two never loses or shifts a byte."""
+    sizes = [1024 * 1024, 4096, 64 * 1024, 64 * 1024 + 1, 200_000, 0, 1024 * 1024 - 7, 512]
+
+    async def main() -> None:
+        a, b = await conn_pair()
+        payloads = [bytes([i]) * n for i, n in enumerate(sizes)]
+        for seq, payload in enumerate(payloads, 1):
+            a.send_frame(*msg(seq, payload or None))
+        await a.drain(5.0)
+        for seq, payload in enumerate(payloads, 1):
+            frame = await b.recv_frame(5.0)
+            assert seq_of(frame) == seq
+            assert payload_of(frame) == (payload or None)
+        await a.aclose()
+        await b.aclose()
+
+    run(main())
+
+
 def test_version_is_passed_through() -> None:
     async def main() -> None:
         a, b = await conn_pair()

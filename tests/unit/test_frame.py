@@ -234,6 +234,36 @@ def test_big_payload_in_chunks_is_copied_once_into_its_own_buffer() -> None:
     assert got[1].nv.get_uint8("cmd") == 5
 
 
+def test_payload_window_takes_the_rest_of_the_payload_and_nothing_more() -> None:
+    data = bytes(range(256)) * 1024  # 256 KiB
+    nv = NV()
+    nv.add_uint64("seq", 1)
+    nv.add_uint32("size", len(data))
+    head, body = encode_frame(nv, data)
+    dec = FrameDecoder()
+    assert dec.payload_window() is None  # no payload started
+    dec.feed(bytes(head) + bytes(body[:1000]))
+    assert dec.next_frame() is NEED_DATA
+    assert dec.payload_window(len(data)) is None  # less than asked for is missing
+    window = dec.payload_window(64 * 1024)
+    assert window is not None and len(window) == len(data) - 1000
+    window[:5000] = body[1000:6000]  # a short read into it
+    dec.payload_filled(5000)
+    assert dec.next_frame() is NEED_DATA
+    window = dec.payload_window()
+    assert window is not None and len(window) == len(data) - 6000
+    window[:] = body[6000:]
+    dec.payload_filled(len(window))
+    frame = dec.next_frame()
+    assert isinstance(frame, Frame) and frame.payload == data
+    assert dec.payload_window() is None
+    with pytest.raises(ValueError):
+        dec.payload_filled(1)
+    dec.feed(KEEPALIVE)  # the next frame goes through feed() as usual
+    frame = dec.next_frame()
+    assert isinstance(frame, Frame) and frame.nv.get_uint8("cmd") == 5
+
+
 def test_payload_byte_at_a_time() -> None:
     data = bytes(range(256)) * 64
     nv = NV()

@@ -12,7 +12,10 @@ Theory of operation
 
 Receiving.  :class:`FramedConn` is its own ``asyncio.BufferedProtocol``: the
 event loop reads straight into one preallocated buffer (256 KiB), the decoder
-is fed once per read and drained of every complete frame.  Frames then go
+is fed once per read and drained of every complete frame.  While a large
+payload is still missing at least 64 KiB, the loop reads into the payload's
+own buffer instead (:meth:`FrameDecoder.payload_window`), so the bytes of a
+1 MiB write are copied once, by the kernel.  Frames then go
 either to a queue served by :meth:`FramedConn.recv_frame` (one wake-up per
 *read*, and ``recv_frame`` returns without suspending while frames are
 queued), or, in handler mode (:meth:`~FramedConn.set_frame_handler`,
@@ -157,6 +160,9 @@ _WRITELINES_ZERO_COPY: Final = sys.version_info >= (3, 12)
 #: On 3.11, a payload up to this size is joined with its header (one send()
 #: beats two for small buffers); a larger one is written on its own.
 _COALESCE_LIMIT: Final = 16 * 1024
+#: Payload bytes still missing from which the next read goes straight into
+#: the payload's buffer instead of the read buffer (saves a copy per byte).
+_DIRECT_READ_MIN: Final = 64 * 1024
 #: Accounting overhead of one queued frame (nv list and bookkeeping).
 _FRAME_OVERHEAD: Final = 256
 #: A timer firing this close to its deadline counts as expired.
@@ -212,6 +218,8 @@ class FramedConn(asyncio.BufferedProtocol):
         self._default_max_payload = max_payload
         self._rbuf = bytearray(read_size)
         self._rview = memoryview(self._rbuf)
+        #: the last get_buffer() handed out a payload window (see there)
+        self._direct = False
         self._write_limits = (write_high, write_low)
         self._max_queued = max_queued
         self._transport: asyncio.Transport | None = None
@@ -724,6 +732,13 @@ class FramedConn(asyncio.BufferedProtocol):
         self._last_data = self._loop.time()
 
     def get_buffer(self, sizehint: int) -> memoryview:
+        # A large payload is read straight into its own buffer (no copy);
+        # headers, nv lists and small payloads go through the read buffer.
+        window = self._decoder.payload_window(_DIRECT_READ_MIN)
+        if window is not None:
+            self._direct = True
+            return window
+        self._direct = False
         return self._rview
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -749,7 +764,11 @@ class FramedConn(asyncio.BufferedProtocol):
         frames = self._frames
         queued = False
         try:
-            decoder.feed(self._rview[:nbytes])
+            if self._direct:
+                self._direct = False
+                decoder.payload_filled(nbytes)
+            else:
+                decoder.feed(self._rview[:nbytes])
             handler = self._handler
             while True:
                 frame = decoder.next_frame()

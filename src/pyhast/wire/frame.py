@@ -291,6 +291,27 @@ class FrameDecoder:
             return
         self._buf += data
 
+    def payload_window(self, minimum: int = 1) -> memoryview | None:
+        """Where the rest of the current payload goes, for a zero-copy read.
+
+        In the PAYLOAD state with at least ``minimum`` bytes still missing,
+        a writable view of exactly those bytes (receive into it, then call
+        :meth:`payload_filled`); otherwise None (use :meth:`feed`).  Bytes
+        past the payload never belong in it, so a read into the window can
+        never swallow the next frame.
+        """
+        pbuf = self._pbuf
+        if pbuf is None or len(pbuf) - self._pfill < minimum:
+            return None
+        return memoryview(pbuf)[self._pfill :]
+
+    def payload_filled(self, nbytes: int) -> None:
+        """``nbytes`` were received into the last :meth:`payload_window`."""
+        pbuf = self._pbuf
+        if pbuf is None or not 0 <= nbytes <= len(pbuf) - self._pfill:
+            raise ValueError("payload_filled() without a matching payload_window()")
+        self._pfill += nbytes
+
     def next_frame(self) -> Frame | NeedData:
         """Return the next complete frame, or NEED_DATA.  Raises ProtocolError."""
         state = self._state
