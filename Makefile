@@ -29,6 +29,11 @@ bench: setup
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r bench/requirements.txt
 	$(PY) bench/run.py $(BENCH_ARGS)
 
+.PHONY: bench-stages
+# CPU per request of each stage of the write path (bench/stages.py, no root): BENCH_ARGS=--quick
+bench-stages: setup
+	$(PY) bench/stages.py $(BENCH_ARGS)
+
 .PHONY: fault-long fuzz-long
 # Issue 5's long targets (not part of `make test`).
 fault-long: setup
