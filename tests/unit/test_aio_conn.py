@@ -161,6 +161,58 @@ def test_large_and_small_frames_interleaved_arrive_intact() -> None:
     run(main())
 
 
+def test_frames_queued_behind_a_slow_reader_arrive_in_order_and_close_flushes_them() -> None:
+    """Far more than the socket buffers: queued (uncopied on 3.11), counted,
+    drained, and a close() with frames still queued delivers them all."""
+    n, size = 48, 1024 * 1024
+
+    async def main() -> None:
+        a, raw = await conn_and_raw()
+        raw.setblocking(False)
+        payloads = [bytes([i]) * size for i in range(n)]
+        for seq, payload in enumerate(payloads, 1):
+            a.send_frame(*msg(seq, payload))
+        assert a.write_buffer_size > 8 * size  # the kernel cannot hold 48 MiB
+        if not aio._WRITELINES_ZERO_COPY:
+            # 3.11: the transport holds at most one slice; the rest waits uncopied.
+            assert a._txq_bytes > a.write_buffer_size - 2 * aio._TX_SLICE
+        drained = asyncio.ensure_future(a.drain(10.0))
+        await asyncio.sleep(0.1)
+        assert not drained.done()  # nobody reads
+        a.close()  # with frames still queued
+        with pytest.raises(ConnClosedError):
+            await asyncio.wait_for(drained, 1)  # woken: the connection is closed
+        loop = asyncio.get_running_loop()
+        received = bytearray()
+        while True:
+            chunk = await loop.sock_recv(raw, 1 << 20)
+            if not chunk:
+                break
+            received += chunk
+        raw.close()
+        assert received == b"".join(frame_bytes(seq, p) for seq, p in enumerate(payloads, 1))
+
+    run(main())
+
+
+def test_drain_waits_for_the_queue_and_returns_once_it_is_read() -> None:
+    async def main() -> None:
+        a, b = await conn_pair()
+        for seq in range(1, 33):
+            a.send_frame(*msg(seq, bytes([seq]) * (1024 * 1024)))
+        drained = asyncio.ensure_future(a.drain(10.0))
+        await asyncio.sleep(0.05)
+        for seq in range(1, 33):
+            frame = await b.recv_frame(5.0)
+            assert seq_of(frame) == seq and payload_of(frame) == bytes([seq]) * (1024 * 1024)
+        await asyncio.wait_for(drained, 5)
+        assert a.write_buffer_size <= aio.DEFAULT_WRITE_LOW
+        await a.aclose()
+        await b.aclose()
+
+    run(main())
+
+
 def test_version_is_passed_through() -> None:
     async def main() -> None:
         a, b = await conn_pair()

@@ -32,9 +32,15 @@ on Python 3.12+ ``writelines`` sends the buffers with one ``sendmsg``;
 Python 3.11's ``writelines`` would join them, so there header and payload
 are written separately (the payload is sent straight from the caller's
 buffer when the socket takes it, and only small payloads are coalesced with
-their header into one write).  Once sent, a payload buffer must not be
-modified (it may still be queued).  :meth:`~FramedConn.drain` waits until the
-transport's buffer is below its low-water mark.
+their header into one write).  On 3.11 the transport copies whatever the
+kernel does not take into its own buffer, and grows that buffer by copying
+again: at a few MiB in flight that cost more than the rest of a 1 MiB write.
+So there the transport's high-water mark is 0 (it pauses us as soon as it
+holds a byte) and what comes next waits in our own queue of buffer views,
+written 256 KiB at a time when the transport is empty again: at most one
+slice is copied per pause.  Once sent, a payload buffer must not be modified
+(it may still be queued).  :meth:`~FramedConn.drain` waits until what is
+buffered (both queues) is below the low-water mark.
 
 Batching.  Frames sent from inside a frame handler (the secondary answering
 the requests of one read, a worker answering its parent) are not written one
@@ -160,6 +166,9 @@ _WRITELINES_ZERO_COPY: Final = sys.version_info >= (3, 12)
 #: On 3.11, a payload up to this size is joined with its header (one send()
 #: beats two for small buffers); a larger one is written on its own.
 _COALESCE_LIMIT: Final = 16 * 1024
+#: On 3.11, the largest piece handed to the transport at once (see the module
+#: docstring: what the kernel does not take of it is copied).
+_TX_SLICE: Final = 256 * 1024
 #: Payload bytes still missing from which the next read goes straight into
 #: the payload's buffer instead of the read buffer (saves a copy per byte).
 _DIRECT_READ_MIN: Final = 64 * 1024
@@ -240,6 +249,10 @@ class FramedConn(asyncio.BufferedProtocol):
         self._pending: list[bytes | memoryview] | None = None  # batched by handlers
         self._writing_paused = False
         self._drain_waiters: list[asyncio.Future[None]] = []
+        # Python 3.11: our own queue behind the transport (module docstring).
+        self._txq: collections.deque[memoryview] = collections.deque()
+        self._txq_bytes = 0
+        self._tx_blocked = False  # the transport holds unsent bytes
         # End of life: the first error wins, except that our own close wins
         # over everything.
         self._exc: BaseException | None = None
@@ -321,7 +334,12 @@ class FramedConn(asyncio.BufferedProtocol):
     @property
     def write_buffer_size(self) -> int:
         """Bytes written with send_frame() that the kernel has not taken yet."""
-        return self._transport.get_write_buffer_size() if self._transport is not None else 0
+        return self._buffered()
+
+    def _buffered(self) -> int:
+        transport = self._transport
+        held = transport.get_write_buffer_size() if transport is not None else 0
+        return held + self._txq_bytes
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         """The transport's extra information (``"socket"``, ``"peername"``, ...)."""
@@ -537,17 +555,57 @@ class FramedConn(asyncio.BufferedProtocol):
             return
         if len(buffers) == 1:
             head = buffers[0]
-            transport.write(head)
+            self._emit(head)
             self._written += len(head)
             return
         head, body = buffers
         size = _payload_len(body)
         if size <= _COALESCE_LIMIT:
-            transport.write(b"".join(buffers))
+            self._emit(b"".join(buffers))
         else:
-            transport.write(head)
-            transport.write(body if isinstance(body, memoryview) else memoryview(body))
+            self._emit(head)
+            self._emit(body)
         self._written += len(head) + size
+
+    def _emit(self, buf: bytes | bytearray | memoryview) -> None:
+        """Python 3.11: hand ``buf`` to the transport, or queue a view of it."""
+        if self._tx_blocked or self._txq:
+            view = buf if isinstance(buf, memoryview) else memoryview(buf)
+            self._txq.append(view)
+            self._txq_bytes += view.nbytes
+            return
+        transport = self._transport
+        assert transport is not None
+        size = _payload_len(buf)
+        if size <= _TX_SLICE:
+            transport.write(buf)
+            return
+        view = buf if isinstance(buf, memoryview) else memoryview(buf)
+        pos = 0
+        while pos < size and not self._tx_blocked:
+            transport.write(view[pos : pos + _TX_SLICE])
+            pos += _TX_SLICE
+        if pos < size:
+            rest = view[pos:]
+            self._txq.append(rest)
+            self._txq_bytes += rest.nbytes
+
+    def _tx_flush(self) -> None:
+        """Python 3.11: the transport is empty: write what we queued."""
+        transport = self._transport
+        txq = self._txq
+        while txq and not self._tx_blocked:
+            if transport is None or transport.is_closing():
+                txq.clear()
+                self._txq_bytes = 0
+                break
+            view = txq.popleft()
+            self._txq_bytes -= view.nbytes
+            piece, rest = view[:_TX_SLICE], view[_TX_SLICE:]
+            if rest.nbytes:
+                txq.appendleft(rest)
+                self._txq_bytes += rest.nbytes
+            transport.write(piece)
 
     def _flush_pending(self) -> None:
         """Write the frames sent while frame handlers ran (see the module docstring)."""
@@ -571,11 +629,11 @@ class FramedConn(asyncio.BufferedProtocol):
                 chunk.append(buf)
                 continue
             if chunk:
-                transport.write(b"".join(chunk))
+                self._emit(b"".join(chunk))
                 chunk = []
-            transport.write(buf if isinstance(buf, memoryview) else memoryview(buf))
+            self._emit(buf)
         if chunk:
-            transport.write(b"".join(chunk) if len(chunk) > 1 else chunk[0])
+            self._emit(b"".join(chunk) if len(chunk) > 1 else chunk[0])
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait until the send buffer is below its low-water mark.
@@ -586,7 +644,7 @@ class FramedConn(asyncio.BufferedProtocol):
         ConnTimeoutError raised.  Several tasks may drain at once.
         """
         self._check_send()
-        if not self._writing_paused:
+        if not self._must_drain():
             return
         loop = self._loop
         waiter: asyncio.Future[None] = loop.create_future()
@@ -626,9 +684,12 @@ class FramedConn(asyncio.BufferedProtocol):
         self._check_send()
 
     def _sent_bytes(self) -> int:
-        transport = self._transport
-        buffered = transport.get_write_buffer_size() if transport is not None else 0
-        return self._written - buffered
+        return self._written - self._buffered()
+
+    def _must_drain(self) -> bool:
+        if _WRITELINES_ZERO_COPY:  # pragma: no cover - Python 3.12+
+            return self._writing_paused
+        return self._buffered() > self._write_limits[0]
 
     def _check_send(self) -> None:
         exc = self._exc
@@ -649,13 +710,22 @@ class FramedConn(asyncio.BufferedProtocol):
         Pending and later operations raise ConnClosedError.  Idempotent.
         """
         self._flush_pending()
+        transport = self._transport
+        if transport is not None and self._txq and not transport.is_closing():
+            # Closing flushes what the transport holds: hand it the rest.
+            for view in self._txq:
+                transport.write(view)
+        self._txq.clear()
+        self._txq_bytes = 0
         self._close_locally()
-        if self._transport is not None:
-            self._transport.close()
+        if transport is not None:
+            transport.close()
 
     def abort(self) -> None:
         """Close at once, discarding data not yet sent.  Idempotent."""
         self._pending = None
+        self._txq.clear()
+        self._txq_bytes = 0
         self._close_locally()
         if self._transport is not None:
             self._transport.abort()
@@ -706,6 +776,8 @@ class FramedConn(asyncio.BufferedProtocol):
     def _fail(self, exc: BaseException) -> None:
         """End the connection because of ``exc`` (which receivers will see)."""
         self._pending = None
+        self._txq.clear()
+        self._txq_bytes = 0
         self._set_error(exc)
         if self._transport is not None:
             self._transport.abort()
@@ -727,8 +799,12 @@ class FramedConn(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        high, low = self._write_limits
-        transport.set_write_buffer_limits(high=high, low=low)
+        if _WRITELINES_ZERO_COPY:  # pragma: no cover - Python 3.12+
+            high, low = self._write_limits
+            transport.set_write_buffer_limits(high=high, low=low)
+        else:
+            # Paused as soon as it holds a byte; resumed once it is empty.
+            transport.set_write_buffer_limits(high=0, low=0)
         self._last_data = self._loop.time()
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -820,9 +896,15 @@ class FramedConn(asyncio.BufferedProtocol):
 
     def pause_writing(self) -> None:
         self._writing_paused = True
+        self._tx_blocked = True
 
     def resume_writing(self) -> None:
         self._writing_paused = False
+        self._tx_blocked = False
+        if not _WRITELINES_ZERO_COPY:
+            self._tx_flush()
+            if self._buffered() > self._write_limits[1]:
+                return
         for waiter in self._drain_waiters:
             if not waiter.done():
                 waiter.set_result(None)
