@@ -94,6 +94,10 @@ class LocalComponent:
         """Read ``length`` bytes of user data (OSError on failure)."""
         return self.provider.pread(length, self.localoff + offset)
 
+    def read_into(self, offset: int, buf: bytearray | memoryview) -> None:
+        """Fill ``buf`` with user data from ``offset`` (OSError on failure)."""
+        self.provider.pread_into(buf, self.localoff + offset)
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write user data (OSError on failure)."""
         self.provider.pwrite(data, self.localoff + offset)

@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+from pyhast.defaults import MAXPHYS
 from pyhast.disk.activemap import SyncChunk
 from pyhast.disk.units import humanize_number
 from pyhast.enums import Event, SyncSrc
@@ -55,6 +56,11 @@ class Synchronizer:
         self.active = False
         self._rate_mark = (0.0, 0)
         self.rate = 0
+        #: Read buffers of chunks copied to the secondary, reused: a fresh
+        #: MAXPHYS buffer per chunk costs an allocation and its page faults.
+        #: A buffer returns here only once the chunk's final reply came back,
+        #: so nothing still sends from it.
+        self._buffers: list[bytearray] = []
 
     # -- progress, for status ----------------------------------------------------
 
@@ -248,13 +254,18 @@ class Synchronizer:
     async def _copy_to_secondary(self, offset: int, length: int) -> bool:
         dev = self.dev
         assert dev.remote is not None
+        buf = self._buffers.pop() if self._buffers else bytearray(MAXPHYS)
+        data = memoryview(buf)[:length]
         try:
-            data = dev.local.read(offset, length)
+            dev.local.read_into(offset, data)
         except OSError as exc:
+            self._buffers.append(buf)
             self._chunk_error("read", offset, length, exc.errno or errno.EIO)
             return False
         req = dev.remote.write(offset, data, memsync=False)
         err = await req.done
+        # Answered (or the connection is gone): no frame refers to it any more.
+        self._buffers.append(buf)
         if err:
             self._chunk_error("write", offset, length, err)
             return False
