@@ -532,7 +532,23 @@ class FramedConn(asyncio.BufferedProtocol):
         connection is no longer usable.
         """
         self._check_send()
-        buffers = encode_frame(nv, payload, version)
+        self._send_buffers(encode_frame(nv, payload, version))
+
+    def send_encoded(self, head: bytes, payload: bytes | memoryview | None = None) -> None:
+        """Queue one frame that the caller has encoded: :meth:`send_frame` without the nv.
+
+        ``head`` is the frame header and nv list (the first buffer of
+        ``encode_frame``; :func:`~pyhast.wire.messages.encode_request` and
+        :func:`~pyhast.wire.messages.encode_reply` make it with one ``struct``
+        call), ``payload`` the non-empty payload its ``size`` announces, or
+        None.  Not checked here: the encoders guarantee it.  Same batching,
+        ordering and errors as :meth:`send_frame`.
+        """
+        self._check_send()
+        self._send_buffers([head] if payload is None else [head, payload])
+
+    def _send_buffers(self, buffers: list[bytes | memoryview]) -> None:
+        """Write one encoded frame now, or collect it (handler batch, coalescing)."""
         pending = self._pending
         if pending is not None:
             pending.extend(buffers)

@@ -13,11 +13,12 @@ Sending
 =======
 
 :func:`encode_frame` returns the buffers to hand to ``writelines``/``sendmsg``:
-``[header + nv]`` or ``[header + nv, payload]``.  The header and nv are built
-in one :class:`~pyhast.wire.ebuf.Ebuf` (nv appended, header prepended into the
-headroom); the payload object is passed through untouched.  The ``size`` field
-must already be in the nv list (:func:`pyhast.wire.pipeline.pipeline_send`
-adds it) and must match the payload.
+``[header + nv]`` or ``[header + nv, payload]``.  Header and nv are one bytes
+object (one concatenation of the packed header and the nv list's encoding);
+the payload object is passed through untouched.  The ``size`` field must
+already be in the nv list (:func:`pyhast.wire.pipeline.pipeline_send` adds
+it) and must match the payload.  The replication messages have faster
+encoders that produce the same bytes (:mod:`pyhast.wire.messages`).
 
 Receiving
 =========
@@ -50,9 +51,16 @@ complete.  nv decoding errors raise :class:`~pyhast.errors.NVError`.  Both are
 Buffering: header and nv bytes accumulate in one bytearray with a read
 offset that is compacted only when the consumed part is large and at least
 half of the buffer, so feeding one byte at a time or many frames at once is
-linear.  Once a payload's size is known, a bytearray of exactly that size is
-allocated and later :meth:`~FrameDecoder.feed` calls copy straight into it;
-the frame's payload is a read-only memoryview of it (no further copy).
+linear.  A payload that is already in that buffer is copied out once, into
+a bytes object (the frame's payload is a view of it).  Otherwise, once its
+size is known, a bytearray of exactly that size is allocated and later
+:meth:`~FrameDecoder.feed` calls copy straight into it; the frame's payload
+is a read-only memoryview of it (no further copy).
+
+The nv list is first matched, in place, against the fixed layouts of the
+replication messages (:func:`pyhast.wire.nv.decode_fixed`); anything else
+goes through :meth:`NV.decode <pyhast.wire.nv.NV.decode>`.  Either way the
+result, and every error, is the same.
 """
 
 from __future__ import annotations
@@ -64,8 +72,7 @@ from typing import Final, NamedTuple
 from pyhast.defaults import HAST_PROTO_VERSION, MAXPHYS
 from pyhast.errors import FrameError, NVTypeError, ProtocolError
 
-from .ebuf import Ebuf
-from .nv import NV, NVType
+from .nv import NV, NVType, decode_fixed
 
 __all__ = [
     "DEFAULT_MAX_NV_SIZE",
@@ -130,6 +137,20 @@ class Frame(NamedTuple):
     payload: memoryview | None
 
 
+# Hot-path aliases: on Python 3.11 reading an enum member through its class
+# costs ~70 ns, and a NamedTuple's __new__ is a Python function.
+_HEADER_STATE: Final = DecoderState.HEADER
+_NV_STATE: Final = DecoderState.NV
+_PAYLOAD_STATE: Final = DecoderState.PAYLOAD
+_ERROR_STATE: Final = DecoderState.ERROR
+_UINT32: Final = NVType.UINT32
+
+
+def _frame(version: int, nv: NV, payload: memoryview | None) -> Frame:
+    """``Frame(version, nv, payload)`` without the NamedTuple constructor's Python call."""
+    return tuple.__new__(Frame, (version, nv, payload))
+
+
 def encode_header(version: int, nvsize: int) -> bytes:
     """The 5-byte frame header."""
     if not 0 <= version <= 0xFF or not 0 <= nvsize <= _U32_MAX:
@@ -168,15 +189,25 @@ def _check_header(version: int, nvsize: int, max_version: int, max_nv_size: int)
 
 def payload_size(nv: NV, max_payload: int = DEFAULT_MAX_PAYLOAD) -> int:
     """Length of the payload that follows ``nv`` (0 if none); FrameError if invalid."""
-    t = nv.type_of("size")
+    t, size = _size_field(nv)
     if t is None:
         return 0
-    if t is not NVType.UINT32:
+    if t is not _UINT32:
         raise FrameError(f"Field 'size' is {t.label}, expected uint32.")
-    size = nv.get_uint32("size")
     if size > max_payload:
         raise FrameError(f"Payload of {size} bytes exceeds the limit of {max_payload}.")
     return size
+
+
+def _size_field(nv: NV) -> tuple[NVType | None, int]:
+    """Type and value of ``size``: (None, 0) if absent, value 0 unless a uint32."""
+    shape = nv.shape
+    if shape is not None:  # a fixed layout: read the value directly
+        layout, values = shape
+        i = layout.index.get("size")
+        return (None, 0) if i is None else (layout.types[i], values[i])
+    t = nv.type_of("size")
+    return t, nv.get_uint32("size") if t is _UINT32 else 0
 
 
 def encode_frame(
@@ -202,14 +233,12 @@ def encode_frame(
         raise ValueError(f"nv says size {declared} but the payload has {plen} bytes.")
     if not 0 <= version <= 0xFF:
         raise ValueError(f"Invalid frame version {version}.")
-    nvsize = nv.encoded_size()
-    eb = Ebuf(nvsize, headroom=HEADER_SIZE)
-    nv.encode_into(eb)
-    eb.add_head(_HEADER.pack(version, nvsize))
+    body = nv.encode()
+    head = _HEADER.pack(version, len(body)) + body
     if plen == 0:
-        return [eb.data()]
+        return [head]
     assert payload is not None
-    return [eb.data(), payload if not isinstance(payload, bytearray) else memoryview(payload)]
+    return [head, payload if not isinstance(payload, bytearray) else memoryview(payload)]
 
 
 class FrameDecoder:
@@ -314,47 +343,76 @@ class FrameDecoder:
 
     def next_frame(self) -> Frame | NeedData:
         """Return the next complete frame, or NEED_DATA.  Raises ProtocolError."""
-        state = self._state
-        if state is DecoderState.ERROR:
-            raise FrameError("Frame decoder is in the error state.")
         try:
-            if state is DecoderState.HEADER:
-                if len(self._buf) - self._pos < HEADER_SIZE:
-                    return NEED_DATA
-                version, nvsize = _HEADER.unpack_from(self._buf, self._pos)
+            if self._state is not _HEADER_STATE:
+                return self._resume()
+            buf = self._buf
+            pos = self._pos
+            if len(buf) - pos < HEADER_SIZE:
+                return NEED_DATA
+            version, nvsize = _HEADER.unpack_from(buf, pos)
+            if not (0 < version <= self.max_version and 0 < nvsize <= self.max_nv_size):
                 _check_header(version, nvsize, self.max_version, self.max_nv_size)
-                self._pos += HEADER_SIZE
+            pos += HEADER_SIZE
+            if len(buf) < pos + nvsize:
+                self._pos = pos
                 self._version = version
                 self._nvsize = nvsize
-                self._state = state = DecoderState.NV
-            if state is DecoderState.NV:
-                pos = self._pos
-                end = pos + self._nvsize
-                if len(self._buf) < end:
-                    return NEED_DATA
-                with memoryview(self._buf) as view:
-                    raw = bytes(view[pos:end])
-                self._pos = end
-                nv = NV.decode(raw)
-                size = payload_size(nv, self.max_payload)
-                if size == 0:
-                    return self._finish(Frame(self._version, nv, None))
-                self._nv = nv
-                self._start_payload(size)
-                state = DecoderState.PAYLOAD
-            # PAYLOAD
-            pbuf = self._pbuf
-            assert pbuf is not None and self._nv is not None
-            if self._pfill < len(pbuf):
+                self._state = _NV_STATE
                 return NEED_DATA
-            frame = Frame(self._version, self._nv, memoryview(pbuf).toreadonly())
-            self._nv = None
-            self._pbuf = None
-            self._pfill = 0
-            return self._finish(frame)
+            # The usual case: the whole nv list is here (no state to keep).
+            return self._after_header(version, pos, pos + nvsize)
         except ProtocolError:
-            self._state = DecoderState.ERROR
+            self._state = _ERROR_STATE
             raise
+
+    def _resume(self) -> Frame | NeedData:
+        """next_frame() in the middle of a frame: NV or PAYLOAD state (or ERROR)."""
+        state = self._state
+        if state is _ERROR_STATE:
+            raise FrameError("Frame decoder is in the error state.")
+        if state is _NV_STATE:
+            pos = self._pos
+            end = pos + self._nvsize
+            if len(self._buf) < end:
+                return NEED_DATA
+            return self._after_header(self._version, pos, end)
+        pbuf = self._pbuf
+        assert pbuf is not None and self._nv is not None
+        if self._pfill < len(pbuf):
+            return NEED_DATA
+        frame = _frame(self._version, self._nv, memoryview(pbuf).toreadonly())
+        self._nv = None
+        self._pbuf = None
+        self._pfill = 0
+        return self._finish(frame)
+
+    def _after_header(self, version: int, pos: int, end: int) -> Frame | NeedData:
+        """Decode the nv list at ``_buf[pos:end]``, then the frame or the PAYLOAD state."""
+        self._pos = end
+        nv = decode_fixed(self._buf, pos, end - pos)  # in place, no copy
+        if nv is None:
+            with memoryview(self._buf) as view:
+                raw = bytes(view[pos:end])
+            nv = NV.decode(raw)
+        size = payload_size(nv, self.max_payload)
+        if size == 0:
+            return self._finish(_frame(version, nv, None))
+        if len(self._buf) - end >= size:
+            return self._finish(_frame(version, nv, self._take_payload(size)))
+        self._version = version
+        self._nv = nv
+        self._start_payload(size)  # not all here: NEED_DATA
+        return NEED_DATA
+
+    def _take_payload(self, size: int) -> memoryview:
+        """A payload that is entirely in the receive buffer: one copy, read-only view."""
+        pos = self._pos
+        end = pos + size
+        with memoryview(self._buf) as view:
+            payload = bytes(view[pos:end])
+        self._pos = end
+        return memoryview(payload)
 
     def _start_payload(self, size: int) -> None:
         pbuf = bytearray(size)
@@ -366,12 +424,13 @@ class FrameDecoder:
             self._pos = pos + take
         self._pbuf = pbuf
         self._pfill = take
-        self._state = DecoderState.PAYLOAD
+        self._state = _PAYLOAD_STATE
         self._compact()
 
     def _finish(self, frame: Frame) -> Frame:
-        self._state = DecoderState.HEADER
-        self._compact()
+        self._state = _HEADER_STATE
+        if self._pos == len(self._buf) or self._pos >= self.COMPACT_THRESHOLD:
+            self._compact()
         return frame
 
     def _compact(self) -> None:

@@ -62,6 +62,17 @@ fields is cached per (type, name) on encode; on decode, each validated
 element prefix (header + padded name, as received) is cached, so a known
 prefix costs one dict lookup and only the value is checked; getters use a
 name -> index dict.  All caches are bounded.
+
+Fixed layouts (:class:`NVLayout`): the replication requests and replies are
+always the same few lists of scalars.  A registered layout
+(:func:`register_layout`) is recognised by :meth:`NV.decode` with one
+``unpack`` and one comparison of all the element headers and names, byte for
+byte as our encoder writes them (zero name padding); any other bytes, valid
+or not, take the element-by-element path above, so results and errors do not
+depend on the layouts.  Such a list (and one built by :meth:`NVLayout.build`)
+keeps just its layout and values (:attr:`NV.shape`); getters read them
+directly, and the element list is built only if something iterates,
+compares, or adds a field that leads out of the layouts.
 """
 
 from __future__ import annotations
@@ -69,14 +80,14 @@ from __future__ import annotations
 import enum
 import operator
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Final, TypeVar, cast, overload
 
 from pyhast.errors import NVError, NVMissingError, NVTypeError
 
 from .ebuf import Ebuf
 
-__all__ = ["NV", "NVType", "NVValue", "nv_dump"]
+__all__ = ["NV", "NVLayout", "NVType", "NVValue", "decode_fixed", "nv_dump", "register_layout"]
 
 
 class NVType(enum.IntEnum):
@@ -133,6 +144,18 @@ _MISSING: Final = _Missing.MISSING
 # --- tables indexed by the type id -------------------------------------------
 
 _TYPES: Final[tuple[NVType, ...]] = (NVType.INT8, *NVType)  # index 0 unused
+# Aliases for the getters: on Python 3.11 reading an enum member through its
+# class costs ~70 ns, a global ~10 ns.
+_INT8_T: Final = NVType.INT8
+_UINT8_T: Final = NVType.UINT8
+_INT16_T: Final = NVType.INT16
+_UINT16_T: Final = NVType.UINT16
+_INT32_T: Final = NVType.INT32
+_UINT32_T: Final = NVType.UINT32
+_INT64_T: Final = NVType.INT64
+_UINT64_T: Final = NVType.UINT64
+_STRING_T: Final = NVType.STRING
+_UINT8_ARRAY_T: Final = NVType.UINT8_ARRAY
 _CODES: Final = "?bBhHiIqQbBhHiIqQ?"  # struct code of a scalar / array element
 _LABELS: Final[dict[int, str]] = {t: (t.name.lower().replace("_array", " array")) for t in NVType}
 #: Size of a scalar, or of one array element; 1 for strings.
@@ -274,24 +297,56 @@ class NV:
     returns the first element with that name.
     """
 
-    __slots__ = ("_buf", "_index", "_items")
+    __slots__ = ("_buf", "_index", "_items", "_shape")
 
-    _items: list[tuple[str, NVType, NVValue]]
+    #: The elements, or None while only ``_shape`` describes them (built on
+    #: first use, see :meth:`_elements`).
+    _items: list[tuple[str, NVType, NVValue]] | None
+    #: name -> index of its first element.  While ``_items`` is None this is
+    #: the layout's own dict, shared and never modified (copied by _elements).
     _index: dict[str, int]
     #: The encoded elements, or None after decode (re-encoded on demand so
     #: that padding garbage from the peer is never echoed).
     _buf: bytearray | None
+    #: The fixed layout the list was decoded or built with and its values,
+    #: until the list is modified (see :attr:`shape`).
+    _shape: tuple[NVLayout, tuple[int, ...]] | None
 
     def __init__(self) -> None:
         self._items = []
         self._index = {}
         self._buf = bytearray()
+        self._shape = None
+
+    @property
+    def shape(self) -> tuple[NVLayout, tuple[int, ...]] | None:
+        """``(layout, values)`` if the list is exactly a fixed layout, else None.
+
+        Set by :meth:`decode` when the received bytes are exactly one of the
+        registered layouts (see :func:`register_layout`) and by
+        :meth:`NVLayout.build`; None once a field is added.  Lets the
+        replication messages be read without a lookup per field.
+        """
+        return self._shape
+
+    def _elements(self) -> list[tuple[str, NVType, NVValue]]:
+        """The element list, built from the shape the first time it is needed."""
+        items = self._items
+        if items is not None:
+            return items
+        shape = self._shape
+        assert shape is not None
+        layout, values = shape
+        items = list(zip(layout.names, layout.types, values, strict=True))
+        self._items = items
+        self._index = dict(layout.index)
+        return items
 
     # --- building -------------------------------------------------------------
 
     def _materialize(self) -> bytearray:
         buf = bytearray()
-        for name, t, value in self._items:
+        for name, t, value in self._elements():
             buf += _encode_element(name, t, value)
         self._buf = buf
         return buf
@@ -301,7 +356,8 @@ class NV:
         if buf is None:
             buf = self._materialize()
         buf += element
-        items = self._items
+        items = self._elements()
+        self._shape = None
         if name not in self._index:
             self._index[name] = len(items)
         items.append((name, _TYPES[t], value))
@@ -321,7 +377,15 @@ class NV:
             buf = self._materialize()
         buf += prefix
         buf += packed
-        items = self._items
+        shape = self._shape
+        if shape is not None and self._items is None:
+            grown = shape[0]._successors.get((name, t))
+            if grown is not None:  # still exactly a fixed layout: stay lazy
+                self._shape = (grown, (*shape[1], value))
+                self._index = grown.index
+                return
+        items = self._elements()
+        self._shape = None
         if name not in self._index:
             self._index[name] = len(items)
         items.append((name, _TYPES[t], value))
@@ -403,12 +467,18 @@ class NV:
             if default is _MISSING:
                 raise NVMissingError(name)
             return default
-        item = self._items[i]
-        if item[1] is not t:
-            raise NVTypeError(
-                f"Field {name!r} is {item[1].label}, expected {t.label}.",
-            )
-        return item[2]
+        have: NVType
+        value: NVValue
+        items = self._items
+        if items is None:  # shaped: read the values without building the list
+            shape = self._shape
+            assert shape is not None
+            have, value = shape[0].types[i], shape[1][i]
+        else:
+            _, have, value = items[i]
+        if have is not t:
+            raise NVTypeError(f"Field {name!r} is {have.label}, expected {t.label}.")
+        return value
 
     @overload
     def get_int8(self, name: str) -> int: ...
@@ -416,7 +486,7 @@ class NV:
     def get_int8(self, name: str, *, default: _T) -> int | _T: ...
     def get_int8(self, name: str, *, default: object = _MISSING) -> object:
         """Value of the int8 field ``name``."""
-        return self._get(name, NVType.INT8, default)
+        return self._get(name, _INT8_T, default)
 
     @overload
     def get_uint8(self, name: str) -> int: ...
@@ -424,7 +494,7 @@ class NV:
     def get_uint8(self, name: str, *, default: _T) -> int | _T: ...
     def get_uint8(self, name: str, *, default: object = _MISSING) -> object:
         """Value of the uint8 field ``name``."""
-        return self._get(name, NVType.UINT8, default)
+        return self._get(name, _UINT8_T, default)
 
     @overload
     def get_int16(self, name: str) -> int: ...
@@ -432,7 +502,7 @@ class NV:
     def get_int16(self, name: str, *, default: _T) -> int | _T: ...
     def get_int16(self, name: str, *, default: object = _MISSING) -> object:
         """Value of the int16 field ``name``."""
-        return self._get(name, NVType.INT16, default)
+        return self._get(name, _INT16_T, default)
 
     @overload
     def get_uint16(self, name: str) -> int: ...
@@ -440,7 +510,7 @@ class NV:
     def get_uint16(self, name: str, *, default: _T) -> int | _T: ...
     def get_uint16(self, name: str, *, default: object = _MISSING) -> object:
         """Value of the uint16 field ``name``."""
-        return self._get(name, NVType.UINT16, default)
+        return self._get(name, _UINT16_T, default)
 
     @overload
     def get_int32(self, name: str) -> int: ...
@@ -448,7 +518,7 @@ class NV:
     def get_int32(self, name: str, *, default: _T) -> int | _T: ...
     def get_int32(self, name: str, *, default: object = _MISSING) -> object:
         """Value of the int32 field ``name``."""
-        return self._get(name, NVType.INT32, default)
+        return self._get(name, _INT32_T, default)
 
     @overload
     def get_uint32(self, name: str) -> int: ...
@@ -456,7 +526,7 @@ class NV:
     def get_uint32(self, name: str, *, default: _T) -> int | _T: ...
     def get_uint32(self, name: str, *, default: object = _MISSING) -> object:
         """Value of the uint32 field ``name``."""
-        return self._get(name, NVType.UINT32, default)
+        return self._get(name, _UINT32_T, default)
 
     @overload
     def get_int64(self, name: str) -> int: ...
@@ -464,7 +534,7 @@ class NV:
     def get_int64(self, name: str, *, default: _T) -> int | _T: ...
     def get_int64(self, name: str, *, default: object = _MISSING) -> object:
         """Value of the int64 field ``name``."""
-        return self._get(name, NVType.INT64, default)
+        return self._get(name, _INT64_T, default)
 
     @overload
     def get_uint64(self, name: str) -> int: ...
@@ -472,7 +542,7 @@ class NV:
     def get_uint64(self, name: str, *, default: _T) -> int | _T: ...
     def get_uint64(self, name: str, *, default: object = _MISSING) -> object:
         """Value of the uint64 field ``name``."""
-        return self._get(name, NVType.UINT64, default)
+        return self._get(name, _UINT64_T, default)
 
     @overload
     def get_string(self, name: str) -> str: ...
@@ -480,7 +550,7 @@ class NV:
     def get_string(self, name: str, *, default: _T) -> str | _T: ...
     def get_string(self, name: str, *, default: object = _MISSING) -> object:
         """Value of the string field ``name`` (without its NUL)."""
-        return self._get(name, NVType.STRING, default)
+        return self._get(name, _STRING_T, default)
 
     @overload
     def get_uint8_array(self, name: str) -> bytes: ...
@@ -488,7 +558,7 @@ class NV:
     def get_uint8_array(self, name: str, *, default: _T) -> bytes | _T: ...
     def get_uint8_array(self, name: str, *, default: object = _MISSING) -> object:
         """Value of the uint8 array field ``name`` as bytes."""
-        return self._get(name, NVType.UINT8_ARRAY, default)
+        return self._get(name, _UINT8_ARRAY_T, default)
 
     @overload
     def get_array(self, name: str, type: NVType) -> tuple[int, ...]: ...
@@ -509,26 +579,37 @@ class NV:
     def type_of(self, name: str) -> NVType | None:
         """Type of the (first) field called ``name``, or None."""
         i = self._index.get(name)
-        return None if i is None else self._items[i][1]
+        if i is None:
+            return None
+        items = self._items
+        if items is None:
+            shape = self._shape
+            assert shape is not None
+            return shape[0].types[i]
+        return items[i][1]
 
     def __contains__(self, name: object) -> bool:
         return name in self._index
 
+    def has_any(self, names: Iterable[str]) -> bool:
+        """True if a field has one of ``names`` (one call instead of one ``in`` per name)."""
+        return not self._index.keys().isdisjoint(names)
+
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self._elements())
 
     def __iter__(self) -> Iterator[tuple[str, NVType, NVValue]]:
-        return iter(self._items)
+        return iter(self._elements())
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, NV):
             return NotImplemented
-        return self._items == other._items
+        return self._elements() == other._elements()
 
     __hash__ = None  # type: ignore[assignment]  # mutable
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{n}: {t.label} = {_short(v)}" for n, t, v in self._items)
+        fields = ", ".join(f"{n}: {t.label} = {_short(v)}" for n, t, v in self._elements())
         return f"NV({fields})"
 
     # --- encoding -------------------------------------------------------------
@@ -573,6 +654,9 @@ class NV:
             except (TypeError, ValueError, BufferError) as exc:
                 raise NVError(f"Cannot read nv data: {exc}.") from None
         end = len(data)
+        fixed = decode_fixed(data, 0, end)
+        if fixed is not None:
+            return fixed
         items: list[tuple[str, NVType, NVValue]] = []
         index: dict[str, int] = {}
         cache_get = _PREFIX_CACHE.get
@@ -619,7 +703,184 @@ class NV:
         nv._items = items
         nv._index = index
         nv._buf = None
+        nv._shape = None
         return nv
+
+
+class NVLayout:
+    """A fixed list of scalar fields, in the exact bytes that the ``add_*`` calls produce.
+
+    The replication requests and replies (spec 6.4) always have one of a few
+    such layouts, and they are most of the traffic: one ``struct`` call encodes
+    a whole list (with the frame header in front, :meth:`frame`), and one
+    unpack plus a comparison of the element headers and names recognises it
+    on receipt (:meth:`match`), instead of a walk over the elements.
+
+    A layout only describes bytes; it changes nothing about what is valid.
+    Received bytes that differ in anything (field order, an extra field,
+    padding garbage, another type) do not match and go through the generic
+    :meth:`NV.decode`, which gives the same result for everything that does.
+    """
+
+    __slots__ = (
+        "_frame",
+        "_frame_args",
+        "_list",
+        "_list_args",
+        "_prefixes",
+        "_successors",
+        "fields",
+        "index",
+        "names",
+        "size",
+        "types",
+    )
+
+    #: (name, type) of each field, in order.
+    fields: tuple[tuple[str, NVType], ...]
+    names: tuple[str, ...]
+    types: tuple[NVType, ...]
+    #: name -> position; shared by the lists of this layout, never modify it.
+    index: dict[str, int]
+    #: Length of the encoded list in bytes.
+    size: int
+
+    def __init__(self, *fields: tuple[str, NVType]) -> None:
+        if not fields:
+            raise ValueError("An nv layout needs at least one field.")
+        names = tuple(name for name, _ in fields)
+        if len(set(names)) != len(names):
+            raise ValueError(f"Duplicate field in the nv layout {names}.")
+        fmt = ""
+        prefixes: list[bytes] = []
+        for name, t in fields:
+            if not isinstance(t, NVType) or not t.is_scalar:
+                raise ValueError(f"nv layout field {name!r}: {t!r} is not a scalar type.")
+            prefix = _scalar_prefix(name, t)
+            prefixes.append(prefix)
+            fmt += f"{len(prefix)}s{_CODES[t]}{8 - _ELEM_SIZE[t]}x"
+        self.fields = tuple(fields)
+        self.names = names
+        self.types = tuple(t for _, t in fields)
+        self.index = {name: i for i, name in enumerate(names)}
+        self._prefixes = tuple(prefixes)
+        #: the list alone: (prefix, value) * n
+        self._list = struct.Struct("<" + fmt)
+        #: frame header (version, nv size) + the list
+        self._frame = struct.Struct("<BI" + fmt)
+        self.size = self._list.size
+        pairs: list[object] = []
+        for prefix in prefixes:
+            pairs += (prefix, 0)
+        self._list_args = tuple(pairs)
+        self._frame_args = (0, self.size, *pairs)
+        #: (name, type id) -> the layout made by :meth:`plus`
+        self._successors: dict[tuple[str, int], NVLayout] = {}
+
+    def __repr__(self) -> str:
+        return f"NVLayout({', '.join(f'{n}: {t.label}' for n, t in self.fields)})"
+
+    def plus(self, name: str, t: NVType) -> NVLayout:
+        """This layout followed by one more field.
+
+        A list of this layout that gets that field added (``add_*``) keeps a
+        :attr:`NV.shape`, of the new layout: ``pipeline_send`` adding
+        ``size`` to a request stays cheap.
+        """
+        grown = self._successors.get((name, int(t)))
+        if grown is None:
+            grown = NVLayout(*self.fields, (name, t))
+            self._successors[(name, int(t))] = grown
+        return grown
+
+    def frame(self, version: int, values: Sequence[int]) -> bytes | None:
+        """Frame header + this list with ``values``, as ``encode_frame`` writes them.
+
+        None if a value (or the version) does not fit its type or is not an
+        integer: the caller then takes the generic path, which says what is
+        wrong.  ``values`` must have one value per field.
+        """
+        args = list(self._frame_args)
+        args[0] = version
+        args[3::2] = values
+        try:
+            return self._frame.pack(*args)
+        except struct.error:
+            return None
+
+    def build(self, values: tuple[int, ...]) -> NV:
+        """The nv list of ``values``, exactly as adding the fields in order would build it.
+
+        Raises what those ``add_*`` calls would raise.  The result has this
+        :attr:`NV.shape`.
+        """
+        for value in values:
+            if type(value) is not int:  # bool, IntEnum, ...: stored as plain int
+                return self._build_by_fields(values)
+        args = list(self._list_args)
+        args[1::2] = values
+        try:
+            packed = self._list.pack(*args)
+        except struct.error:
+            return self._build_by_fields(values)
+        return _shaped_nv(self, values, bytearray(packed))
+
+    def _build_by_fields(self, values: tuple[int, ...]) -> NV:
+        nv = NV()
+        for (name, t), value in zip(self.fields, values, strict=True):
+            nv._add_scalar(name, t, value)
+        return nv
+
+    def match(self, buf: bytes | bytearray, pos: int = 0) -> tuple[int, ...] | None:
+        """The values if the :attr:`size` bytes at ``buf[pos:]`` are exactly this layout.
+
+        Exactly: same element headers, names and zero name padding; the value
+        padding is ignored, as :meth:`NV.decode` ignores it.  The caller
+        checks that the list is :attr:`size` bytes long.
+        """
+        fields = self._list.unpack_from(buf, pos)
+        if fields[0::2] != self._prefixes:
+            return None
+        return fields[1::2]
+
+
+#: Layouts that decode tries before walking the elements, by encoded size.
+_FIXED_LAYOUTS: dict[int, tuple[NVLayout, ...]] = {}
+
+
+def register_layout(layout: NVLayout) -> None:
+    """Let :meth:`NV.decode` (and :func:`decode_fixed`) recognise ``layout`` directly.
+
+    Only an optimisation: a list that matches decodes to the same values as
+    it would element by element.  Register the few layouts that carry the
+    traffic; the layouts of one size are tried in registration order.
+    """
+    same_size = _FIXED_LAYOUTS.get(layout.size, ())
+    if layout not in same_size:
+        _FIXED_LAYOUTS[layout.size] = (*same_size, layout)
+
+
+def decode_fixed(buf: bytes | bytearray, pos: int, size: int) -> NV | None:
+    """The nv list of ``buf[pos:pos + size]`` if it is exactly a registered layout, else None.
+
+    Reads ``buf`` in place (no copy of the list).  None means "decode it
+    with :meth:`NV.decode`", never that the list is invalid.
+    """
+    for layout in _FIXED_LAYOUTS.get(size, ()):
+        fields = layout._list.unpack_from(buf, pos)  # layout.match(), inlined
+        if fields[0::2] == layout._prefixes:
+            return _shaped_nv(layout, fields[1::2], None)
+    return None
+
+
+def _shaped_nv(layout: NVLayout, values: tuple[int, ...], buf: bytearray | None) -> NV:
+    """An NV known by its layout and values; its element list is built when needed."""
+    nv = NV.__new__(NV)
+    nv._items = None
+    nv._index = layout.index
+    nv._buf = buf
+    nv._shape = (layout, values)
+    return nv
 
 
 def _short(value: NVValue, limit: int = 32) -> str:

@@ -25,8 +25,8 @@ from pyhast.errors import ProtocolError
 from pyhast.transport.aio import FramedConn
 from pyhast.transport.base import ConnError
 from pyhast.wire.frame import Frame
-from pyhast.wire.messages import keepalive_nv, parse_reply, request_nv
-from pyhast.wire.pipeline import pipeline_recv, pipeline_send
+from pyhast.wire.messages import encode_request, keepalive_nv, parse_reply
+from pyhast.wire.pipeline import pipeline_recv
 
 
 class RemoteRequest:
@@ -106,13 +106,21 @@ class RemoteComponent:
         if not self.connected:
             req.finish(errno.ENOTCONN)
             return req
-        nv = request_nv(cmd, req.seq, offset, length, memsync)
-        payload = None
-        if data is not None:
-            payload = pipeline_send(nv, data, self.compression, self.checksum)
+        # One struct call for the usual request (see pyhast.wire.messages).
+        head, payload = encode_request(
+            cmd,
+            req.seq,
+            offset,
+            length,
+            data,
+            memsync=memsync,
+            compression=self.compression,
+            checksum=self.checksum,
+            version=self.version,
+        )
         self.pending[req.seq] = req
         try:
-            self.out.send_frame(nv, payload, version=self.version)
+            self.out.send_encoded(head, payload)
         except (OSError, ConnError, ProtocolError) as exc:
             self.disconnect(f"Unable to send a request: {exc}")
         self.last_send = time.monotonic()

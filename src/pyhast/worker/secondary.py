@@ -36,7 +36,13 @@ from pyhast.wire.handshake import (
     decide,
     decision_reply,
 )
-from pyhast.wire.messages import Request, RequestError, parse_request, reply_nv
+from pyhast.wire.messages import (
+    Request,
+    RequestError,
+    encode_read_reply,
+    encode_reply,
+    parse_request,
+)
 from pyhast.wire.pipeline import pipeline_recv, pipeline_send
 from pyhast.worker.local import LocalComponent
 
@@ -135,7 +141,7 @@ class Secondary:
 
     def _reply(self, seq: int, err: int = 0, *, received: bool = False) -> None:
         try:
-            self.out.send_frame(reply_nv(seq, err, received), None, version=self.version)
+            self.out.send_encoded(encode_reply(seq, err, received, version=self.version))
         except (OSError, ConnError, ProtocolError) as exc:
             self._end(f"Unable to send a reply: {exc}")
 
@@ -218,10 +224,15 @@ class Secondary:
                     self.stat_err["read"] += 1
                     self._reply(req.seq, exc.errno or errno.EIO)
                     continue
-                nv = reply_nv(req.seq)
-                payload = pipeline_send(nv, rdata, self.compression, self.checksum)
+                head, payload = encode_read_reply(
+                    req.seq,
+                    rdata,
+                    compression=self.compression,
+                    checksum=self.checksum,
+                    version=self.version,
+                )
                 try:
-                    self.out.send_frame(nv, payload, version=self.version)
+                    self.out.send_encoded(head, payload)
                 except (OSError, ConnError, ProtocolError) as exc:
                     self._end(f"Unable to send a reply: {exc}")
             elif cmd is HioCmd.DELETE:
