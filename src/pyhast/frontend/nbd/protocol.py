@@ -730,6 +730,7 @@ class RequestDecoder:
         "_buf",
         "_end",
         "_error",
+        "_large_writes",
         "_max_payload",
         "_payload",
         "_payload_filled",
@@ -749,6 +750,9 @@ class RequestDecoder:
         self._payload_filled = 0
         self._payload_header: tuple[int, int, int, int, int] = (0, 0, 0, 0, 0)
         self._error: ProtocolError | None = None
+        # The last WRITE was large: the next one likely is too, so read its
+        # header with a small window (what comes with it is copied once more).
+        self._large_writes = False
 
     # -- receiving ----------------------------------------------------------
 
@@ -766,6 +770,8 @@ class RequestDecoder:
         # the next request, in the receive buffer.)
         if len(self._buf) - self._end < MIN_RECEIVE_SPACE:
             self._make_room(MIN_RECEIVE_SPACE)
+        if self._large_writes:
+            return self._view[self._end : self._end + MIN_RECEIVE_SPACE]
         return self._view[self._end :]
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -848,6 +854,7 @@ class RequestDecoder:
                     continue
                 if length > self._max_payload:
                     raise ProtocolError(f"WRITE payload of {length} bytes is over the limit.")
+                self._large_writes = length >= DIRECT_PAYLOAD_THRESHOLD
                 body = start + _REQ_SIZE
                 if end - body >= length:
                     start = body + length
