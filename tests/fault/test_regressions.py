@@ -74,11 +74,7 @@ def test_regression_local_read_error_is_not_served_from_a_stale_secondary(
     """
     cl = FaultEnvCluster(tmp_path, size=8 * MiB, resource_options={"r0": ["replication fullsync"]})
     with cl:
-        cl.create("-e", str(EXTENT))
-        cl.start("nodea")
-        cl.start("nodeb")
-        cl.role("nodeb", "secondary")
-        cl.role("nodea", "primary")
+        cl.start_pair(create_args=("-e", str(EXTENT)))
         cl.wait_synced("r0")
         uri = cl.nbd_uri("nodea", "r0")
         target = 3 * EXTENT
@@ -130,11 +126,7 @@ def test_regression_acknowledged_write_survives_primary_restart_after_local_writ
     """
     cl = FaultEnvCluster(tmp_path, size=8 * MiB, resource_options={"r0": ["replication fullsync"]})
     with cl:
-        cl.create("-e", str(EXTENT))
-        cl.start("nodea")
-        cl.start("nodeb")
-        cl.role("nodeb", "secondary")
-        cl.role("nodea", "primary")
+        cl.start_pair(create_args=("-e", str(EXTENT)))
         cl.wait_synced("r0")
         uri = cl.nbd_uri("nodea", "r0")
         target = 3 * EXTENT
@@ -181,11 +173,7 @@ def test_regression_failed_local_write_while_degraded_does_not_leave_its_extent_
     """
     cl = FaultEnvCluster(tmp_path, size=8 * MiB)
     with cl:
-        cl.create("-e", str(EXTENT))
-        cl.start("nodea")
-        cl.start("nodeb")
-        cl.role("nodeb", "secondary")
-        cl.role("nodea", "primary")
+        cl.start_pair(create_args=("-e", str(EXTENT)))
         cl.wait_synced("r0")
         uri = cl.nbd_uri("nodea", "r0")
         cl.stop("nodeb")
@@ -218,11 +206,7 @@ def test_regression_restarted_primary_worker_recreates_its_device(tmp_path: Path
     """
     cl = FaultEnvCluster(tmp_path, size=8 * MiB)
     with cl:
-        cl.create("-e", str(EXTENT))
-        cl.start("nodea")
-        cl.start("nodeb")
-        cl.role("nodeb", "secondary")
-        cl.role("nodea", "primary")
+        cl.start_pair(create_args=("-e", str(EXTENT)))
         cl.wait_synced("r0")
         assert cl.device("nodea", "r0").stat().st_size > 0
         mark = cl.mark("nodea")
@@ -251,11 +235,7 @@ def test_regression_write_while_degraded_to_a_locally_stale_extent_is_not_lost(
     """
     cl = FaultEnvCluster(tmp_path, size=8 * MiB, resource_options={"r0": ["replication fullsync"]})
     with cl:
-        cl.create("-e", str(EXTENT))
-        cl.start("nodea")
-        cl.start("nodeb")
-        cl.role("nodeb", "secondary")
-        cl.role("nodea", "primary")
+        cl.start_pair(create_args=("-e", str(EXTENT)))
         cl.wait_synced("r0")
         uri = cl.nbd_uri("nodea", "r0")
         x, y = 3 * EXTENT, 3 * EXTENT + 8 * BS  # two blocks of one extent
@@ -304,11 +284,7 @@ def test_regression_stale_extent_copied_back_whole_loses_a_write_the_secondary_m
     """
     cl = FaultEnvCluster(tmp_path, size=8 * MiB, resource_options={"r0": [f"replication {mode}"]})
     with cl:
-        cl.create("-e", str(EXTENT))
-        cl.start("nodea")
-        cl.start("nodeb")
-        cl.role("nodeb", "secondary")
-        cl.role("nodea", "primary")
+        cl.start_pair(create_args=("-e", str(EXTENT)))
         cl.wait_synced("r0")
         uri = cl.nbd_uri("nodea", "r0")
         x, y = 5 * EXTENT, 5 * EXTENT + 16 * BS  # two blocks of one extent

@@ -395,12 +395,15 @@ class Cluster:
         ]
         return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
 
-    def start_pair(self, *resources: str, primary: str = "nodea") -> None:
-        """The usual start: ``hastctl create`` on both nodes, both hastd, the
-        other node secondary, ``primary`` primary, then 'complete' on both."""
+    def start_pair(
+        self, *resources: str, primary: str = "nodea", create_args: Sequence[str] = ()
+    ) -> None:
+        """The usual start: ``hastctl create [create_args]`` on both nodes, both
+        hastd, the other node secondary, ``primary`` primary, then 'complete'
+        on both."""
         secondary = "nodeb" if primary == "nodea" else "nodea"
         names = list(resources) or self.resources
-        self.create()
+        self.create(*create_args)
         self.start("nodea")
         self.start("nodeb")
         self.role(secondary, "secondary", *names)

@@ -41,6 +41,12 @@ def local(tmp_path: Path) -> Iterator[LocalComponent]:
     comp.close()
 
 
+def write_ahead(local: LocalComponent, e: int) -> asyncio.Future[None]:
+    """What the primary does first for a write into extent ``e``, which gains its bit."""
+    assert local.activemap.write_start(e * EXTENT, 4 * KiB)
+    return asyncio.ensure_future(local.bitmap_flush(extents=range(e, e + 1)))
+
+
 def on_disk(comp: LocalComponent) -> bytes:
     return bitmap_read(comp.provider, comp.md)[: comp.activemap.mapsize]
 
@@ -77,9 +83,7 @@ def test_a_write_waits_only_for_the_bitmap_write_of_its_own_extents(
     held = HeldWrites(local, monkeypatch)
 
     async def main() -> None:
-        am = local.activemap
-        assert am.write_start(0, 4 * KiB)  # extent 0 gains its bit
-        flush = asyncio.ensure_future(local.bitmap_flush(extents=range(0, 1)))
+        flush = write_ahead(local, 0)
         await wait_started(held.started)
         # Another write to extent 0 added nothing but depends on that write ...
         same = asyncio.ensure_future(local.bitmap_settled(range(0, 1)))
@@ -103,14 +107,9 @@ def test_concurrent_bitmap_writes_are_shared(
     held = HeldWrites(local, monkeypatch)
 
     async def main() -> None:
-        am = local.activemap
-        am.write_start(0, 4 * KiB)
-        first = asyncio.ensure_future(local.bitmap_flush(extents=range(0, 1)))
+        first = write_ahead(local, 0)
         await wait_started(held.started)
-        others = []
-        for e in (1, 2, 3):
-            assert am.write_start(e * EXTENT, 4 * KiB)
-            others.append(asyncio.ensure_future(local.bitmap_flush(extents=range(e, e + 1))))
+        others = [write_ahead(local, e) for e in (1, 2, 3)]
         await asyncio.sleep(0.05)
         held.release.set()
         await asyncio.wait_for(asyncio.gather(first, *others), 5)
@@ -134,8 +133,7 @@ def test_lost_bits_are_written_later_without_a_flush(
         am = local.activemap
         # keepdirty 2: extents 0..2 written and completed leave 0 out of the MRU.
         for e in range(3):
-            assert am.write_start(e * EXTENT, 4 * KiB)
-            await local.bitmap_flush(extents=range(e, e + 1))
+            await write_ahead(local, e)
         assert on_disk(local)[0] & 0b111 == 0b111
         updates = local.stat_activemap_update
         lost = False
@@ -146,7 +144,10 @@ def test_lost_bits_are_written_later_without_a_flush(
         await asyncio.sleep(0.05)
         assert on_disk(local)[0] & 0b111 == 0b111  # not yet
         assert local.stat_activemap_update == updates
-        await asyncio.sleep(0.4)
+        for _ in range(100):  # due after LAZY_BITMAP_DELAY (0.2 s)
+            if on_disk(local) == am.bitmap():
+                break
+            await asyncio.sleep(0.02)
         assert on_disk(local) == am.bitmap()
         assert on_disk(local)[0] & 1 == 0
         assert local.stat_activemap_update == updates + 1
@@ -163,13 +164,11 @@ def test_lost_bits_ride_on_the_next_durable_write(
     async def main() -> None:
         am = local.activemap
         for e in range(3):
-            am.write_start(e * EXTENT, 4 * KiB)
-            await local.bitmap_flush(extents=range(e, e + 1))
+            await write_ahead(local, e)
         for e in range(3):
             am.write_complete(e * EXTENT, 4 * KiB)
         local.bitmap_lost_bits()
-        assert am.write_start(10 * EXTENT, 4 * KiB)
-        await local.bitmap_flush(extents=range(10, 11))
+        await write_ahead(local, 10)
         assert on_disk(local) == am.bitmap()
         updates = local.stat_activemap_update
         await asyncio.sleep(0.4)
@@ -184,12 +183,9 @@ def test_a_cancelled_bitmap_write_still_releases_who_waits_for_it(
     held = HeldWrites(local, monkeypatch)
 
     async def main() -> None:
-        am = local.activemap
-        am.write_start(0, 4 * KiB)
-        first = asyncio.ensure_future(local.bitmap_flush(extents=range(0, 1)))
+        first = write_ahead(local, 0)
         await wait_started(held.started)
-        am.write_start(EXTENT, 4 * KiB)
-        queued = asyncio.ensure_future(local.bitmap_flush(extents=range(1, 2)))
+        queued = write_ahead(local, 1)
         await asyncio.sleep(0)
         waiter = asyncio.ensure_future(local.bitmap_settled(range(1, 2)))
         await asyncio.sleep(0.05)

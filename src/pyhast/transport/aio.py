@@ -585,26 +585,16 @@ class FramedConn(asyncio.BufferedProtocol):
 
     def _emit(self, buf: bytes | bytearray | memoryview) -> None:
         """Python 3.11: hand ``buf`` to the transport, or queue a view of it."""
-        if self._tx_blocked or self._txq:
-            view = buf if isinstance(buf, memoryview) else memoryview(buf)
-            self._txq.append(view)
-            self._txq_bytes += view.nbytes
-            return
-        transport = self._transport
-        assert transport is not None
-        size = _payload_len(buf)
-        if size <= _TX_SLICE:
-            transport.write(buf)
+        txq = self._txq
+        if not txq and not self._tx_blocked and _payload_len(buf) <= _TX_SLICE:
+            transport = self._transport
+            assert transport is not None
+            transport.write(buf)  # the common case: nothing queued, one slice
             return
         view = buf if isinstance(buf, memoryview) else memoryview(buf)
-        pos = 0
-        while pos < size and not self._tx_blocked:
-            transport.write(view[pos : pos + _TX_SLICE])
-            pos += _TX_SLICE
-        if pos < size:
-            rest = view[pos:]
-            self._txq.append(rest)
-            self._txq_bytes += rest.nbytes
+        txq.append(view)
+        self._txq_bytes += view.nbytes
+        self._tx_flush()
 
     def _tx_flush(self) -> None:
         """Python 3.11: the transport is empty: write what we queued."""
@@ -612,8 +602,7 @@ class FramedConn(asyncio.BufferedProtocol):
         txq = self._txq
         while txq and not self._tx_blocked:
             if transport is None or transport.is_closing():
-                txq.clear()
-                self._txq_bytes = 0
+                self._txq_drop()
                 break
             view = txq.popleft()
             self._txq_bytes -= view.nbytes
@@ -622,6 +611,10 @@ class FramedConn(asyncio.BufferedProtocol):
                 txq.appendleft(rest)
                 self._txq_bytes += rest.nbytes
             transport.write(piece)
+
+    def _txq_drop(self) -> None:
+        self._txq.clear()
+        self._txq_bytes = 0
 
     def _flush_pending(self) -> None:
         """Write the frames sent while frame handlers ran (see the module docstring)."""
@@ -731,8 +724,7 @@ class FramedConn(asyncio.BufferedProtocol):
             # Closing flushes what the transport holds: hand it the rest.
             for view in self._txq:
                 transport.write(view)
-        self._txq.clear()
-        self._txq_bytes = 0
+        self._txq_drop()
         self._close_locally()
         if transport is not None:
             transport.close()
@@ -740,8 +732,7 @@ class FramedConn(asyncio.BufferedProtocol):
     def abort(self) -> None:
         """Close at once, discarding data not yet sent.  Idempotent."""
         self._pending = None
-        self._txq.clear()
-        self._txq_bytes = 0
+        self._txq_drop()
         self._close_locally()
         if self._transport is not None:
             self._transport.abort()
@@ -792,8 +783,7 @@ class FramedConn(asyncio.BufferedProtocol):
     def _fail(self, exc: BaseException) -> None:
         """End the connection because of ``exc`` (which receivers will see)."""
         self._pending = None
-        self._txq.clear()
-        self._txq_bytes = 0
+        self._txq_drop()
         self._set_error(exc)
         if self._transport is not None:
             self._transport.abort()

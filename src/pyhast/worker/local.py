@@ -179,24 +179,15 @@ class LocalComponent:
                     still.append((need, fut))
             self._map_waiters = still
 
-    async def bitmap_flush(self, *, lazy: bool = False, extents: range | None = None) -> None:
+    async def bitmap_flush(self, *, extents: range | None = None) -> None:
         """Write the activemap image (and flush it with metaflush) before returning.
 
         Concurrent callers share writes: a caller returns once a write that
         began after its own change has completed.  ``extents``: the extents
         whose bits this change added (writes to them wait for this one, see
-        :meth:`bitmap_settled`).
-
-        ``lazy``: the image only lost bits.  Nothing depends on that reaching
-        the disk (a crash before it only synchronises more), so it is not
-        written now: the next bitmap write carries it, or a plain write after
-        :data:`LAZY_BITMAP_DELAY` seconds of no other bitmap write (FreeBSD
-        writes and flushes the bitmap for every lost bit too: half of its
-        bitmap writes under random load).
+        :meth:`bitmap_settled`).  When the image only lost bits, call
+        :meth:`bitmap_lost_bits` instead.
         """
-        if lazy:
-            self.bitmap_lost_bits()
-            return
         self._map_gen += 1
         want = self._map_gen
         if extents is not None:
@@ -228,7 +219,14 @@ class LocalComponent:
             pass  # logged
 
     def bitmap_lost_bits(self) -> None:
-        """The image only lost bits: write it later (see :meth:`bitmap_flush`)."""
+        """The image only lost bits: write it later.
+
+        Nothing depends on that reaching the disk (a crash before it only
+        synchronises more), so it is not written now: the next bitmap write
+        carries it, or a plain write after :data:`LAZY_BITMAP_DELAY` seconds
+        of no other bitmap write (FreeBSD writes and flushes the bitmap for
+        every lost bit too: half of its bitmap writes under random load).
+        """
         self._lazy_dirty = True
         if self._lazy_timer is None:
             loop = asyncio.get_running_loop()

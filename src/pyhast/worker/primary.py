@@ -158,11 +158,9 @@ class PrimaryDevice:
             # the next reconnect.
             self.on_need_sync()
 
-    async def _bitmap_flush_logged(
-        self, *, lazy: bool = False, extents: range | None = None
-    ) -> None:
+    async def _bitmap_flush_logged(self, *, extents: range | None = None) -> None:
         try:
-            await self.local.bitmap_flush(lazy=lazy, extents=extents)
+            await self.local.bitmap_flush(extents=extents)
         except OSError:
             pass  # logged by bitmap_flush; the in-memory map still tracks it
 
@@ -181,7 +179,7 @@ class PrimaryDevice:
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         self.stats.read += 1
-        if self.local_stale and self.local_stale.overlaps(offset, length):
+        if self.local_stale.overlaps(offset, length):
             return await self._read_around_stale(offset, length)
         if self._read_from_remote(offset, length):
             try:
@@ -264,20 +262,17 @@ class PrimaryDevice:
                 lerr = exc.errno or errno.EIO
             remote = self.remote if self.connected else None
             req = remote.write(offset, data, mode is Replication.MEMSYNC) if remote else None
-            current = not lerr and self.local_stale.overlaps(offset, length)
-            if current:
-                # The range is current here again: the peer no longer knows
-                # better (its copy of this write may yet fail).
-                self.local_stale.remove(offset, length)
+            perr = 0
+            if not lerr and self.local_stale.overlaps(offset, length):
+                # The peer no longer knows better (its copy of this write may
+                # yet fail).  Checked here too: no coroutine on the hot path.
+                try:
+                    await self.mark_local_current(offset, length)
+                except OSError as exc:
+                    perr = exc.errno or errno.EIO
             if req is None:
                 await self._mark_need_sync(offset, length)
                 self._bump_localcnt_if_degraded()
-            perr = 0
-            if current:
-                try:
-                    await self.persist_stale()
-                except OSError as exc:
-                    perr = exc.errno or errno.EIO
             if lerr:
                 self.stats.write_error += 1
                 self.log.error(
@@ -411,6 +406,14 @@ class PrimaryDevice:
         if self.connected and self.on_need_sync is not None:
             self.on_need_sync()
 
+    async def mark_local_current(self, offset: int, length: int) -> None:
+        """The range's local copy is current again: recorded durably (OSError
+        on failure).  Free when nothing in it was stale.  Removed from the list
+        before the first await, so reads of it stay local from now on."""
+        if self.local_stale.overlaps(offset, length):
+            self.local_stale.remove(offset, length)
+            await self.persist_stale()
+
     async def persist_stale(self) -> None:
         """Store the stale ranges in the metadata block, durably (OSError on failure)."""
         try:
@@ -447,10 +450,9 @@ class PrimaryDevice:
             except OSError as exc:
                 lerr = exc.errno or errno.EIO
             req = self.remote.delete(offset, length) if self.connected and self.remote else None
-            if not lerr and self.local_stale.overlaps(offset, length):
-                self.local_stale.remove(offset, length)
+            if not lerr:
                 try:
-                    await self.persist_stale()
+                    await self.mark_local_current(offset, length)
                 except OSError as exc:
                     lerr = exc.errno or errno.EIO
             if req is None:

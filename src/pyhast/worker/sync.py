@@ -182,7 +182,7 @@ class Synchronizer:
                 if ext in failed_extents:
                     failed_extents.discard(ext)
                 elif self.am.extent_complete(ext):
-                    await self.dev._bitmap_flush_logged(lazy=True)
+                    self.dev.local.bitmap_lost_bits()
 
         try:
             while self.dev.connected:
@@ -241,14 +241,12 @@ class Synchronizer:
         except OSError as exc:
             self._chunk_error("write", offset, length, exc.errno or errno.EIO)
             return False
-        if dev.local_stale.overlaps(offset, length):
-            # Current here now: recorded before the range lock goes, so that
-            # a later write of it is not undone by a restart.
-            dev.local_stale.remove(offset, length)
-            try:
-                await dev.persist_stale()
-            except OSError:
-                return False
+        try:
+            # Recorded before the range lock goes, so that a later write of
+            # it is not undone by a restart.
+            await dev.mark_local_current(offset, length)
+        except OSError:
+            return False
         return True
 
     async def _copy_to_secondary(self, offset: int, length: int) -> bool:
