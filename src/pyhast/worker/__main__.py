@@ -16,6 +16,7 @@ from pyhast.defaults import HAST_DEVDIR
 from pyhast.enums import Role
 from pyhast.errors import ExitCode, HastError
 from pyhast.log import ResourceAdapter, setup_logging
+from pyhast.worker.allocator import tune_allocator
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -81,6 +82,7 @@ async def amain(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging(args.debug, foreground=args.foreground, program=args.node)
+    tune_allocator()
     profile = os.environ.get("PYHAST_PROFILE")
     try:
         if profile:
