@@ -174,8 +174,8 @@ def test_frames_queued_behind_a_slow_reader_arrive_in_order_and_close_flushes_th
             a.send_frame(*msg(seq, payload))
         assert a.write_buffer_size > 8 * size  # the kernel cannot hold 48 MiB
         if not aio._WRITELINES_ZERO_COPY:
-            # 3.11: the transport holds at most one slice; the rest waits uncopied.
-            assert a._txq_bytes > a.write_buffer_size - 2 * aio._TX_SLICE
+            # 3.11: the transport holds a small hand-off; the rest waits uncopied.
+            assert a.write_buffer_size - a._txq_bytes <= aio._TX_HANDOFF
         drained = asyncio.ensure_future(a.drain(10.0))
         await asyncio.sleep(0.1)
         assert not drained.done()  # nobody reads
@@ -191,6 +191,42 @@ def test_frames_queued_behind_a_slow_reader_arrive_in_order_and_close_flushes_th
             received += chunk
         raw.close()
         assert received == b"".join(frame_bytes(seq, p) for seq, p in enumerate(payloads, 1))
+
+    run(main())
+
+
+def test_direct_writes_keep_order_while_a_slow_reader_drains_them() -> None:
+    """Many pause/resume rounds: frames written straight to the socket and the
+    small pieces handed to the transport interleave without losing order, and
+    the transport never holds more than the hand-off (3.11)."""
+    sizes = [1024 * 1024, 100, 300_000, 1024 * 1024 - 3, 20_000] * 6
+
+    async def main() -> None:
+        a, raw = await conn_and_raw()
+        raw.setblocking(False)
+        payloads = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+        a.coalesce = True  # half of them batched into one write per iteration
+        for seq, payload in enumerate(payloads, 1):
+            a.send_frame(*msg(seq, payload))
+            if seq % 2 == 0:
+                await asyncio.sleep(0)
+        loop = asyncio.get_running_loop()
+        expected = b"".join(frame_bytes(seq, p) for seq, p in enumerate(payloads, 1))
+        received = bytearray()
+        held = 0
+        deadline = loop.time() + 20
+        while len(received) < len(expected) and loop.time() < deadline:
+            received += await loop.sock_recv(raw, 48 * 1024)  # a slow reader
+            transport = a._transport
+            assert transport is not None
+            held = max(held, transport.get_write_buffer_size())
+        assert received == expected
+        if not aio._WRITELINES_ZERO_COPY:
+            assert held <= aio._TX_HANDOFF
+        await a.drain(5.0)
+        assert a.write_buffer_size == 0
+        await a.aclose()
+        raw.close()
 
     run(main())
 
