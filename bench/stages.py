@@ -30,7 +30,14 @@ for a 4 KiB and a 1 MiB write where the size matters:
     loop with a fixed queue depth: request (``request_nv`` + ``pipeline_send``
     + ``send_frame``), the other side's frame handler decodes it and answers
     with a reply frame, the first side's handler decodes the reply (QD1, and
-    the queue depths of run.py's fio workloads: 32 for 4 KiB, 16 for 1 MiB).
+    the queue depths of run.py's fio workloads: 32 for 4 KiB, 16 for 1 MiB);
+11. the primary's write path end to end: ``PrimaryDevice.write`` in memsync
+    on a real local component (a resource created in ``--workdir``, every
+    extent already dirty) and a ``RemoteComponent`` on two FramedConn TCP
+    pairs, answered by a responder that decodes each request and sends the
+    ``received`` and the final reply as the secondary does (without its
+    pwrite); fio's queue depths.  What 11 costs beyond 2 + 3 + 10 is the
+    primary's own bookkeeping (range locks, futures, tasks, completion).
 
 A repetition runs a fixed number of operations, chosen by a calibration run
 (which is also the warm-up) so that one repetition takes about ``target``
@@ -47,6 +54,7 @@ import dataclasses
 import datetime
 import itertools
 import json
+import logging
 import os
 import platform
 import socket
@@ -63,19 +71,30 @@ from typing import Any, Final
 from lib import report
 
 from pyhast.address import Address
-from pyhast.defaults import HAST_EXTENTSIZE, HAST_KEEPDIRTY, HAST_PROTO_VERSION, MAXPHYS
+from pyhast.defaults import (
+    HAST_EXTENTSIZE,
+    HAST_KEEPDIRTY,
+    HAST_PROTO_VERSION,
+    MAXPHYS,
+    METADATA_SIZE,
+)
 from pyhast.disk.activemap import Activemap
+from pyhast.disk.metadata import metadata_create
 from pyhast.disk.provider import Provider
-from pyhast.enums import Checksum, Compression, HioCmd
+from pyhast.enums import Checksum, Compression, HioCmd, Replication
 from pyhast.frontend.nbd.protocol import Cmd, ExportInfo, RequestDecoder, encode_requests
 from pyhast.frontend.nbd.protocol import Request as NbdRequest
 from pyhast.frontend.nbd.protocol import validate_request as nbd_validate
+from pyhast.log import ResourceAdapter
 from pyhast.transport import aio, base, tcp
 from pyhast.transport.aio import FramedConn
 from pyhast.wire.frame import HEADER_SIZE, NEED_DATA, Frame, FrameDecoder, encode_frame
-from pyhast.wire.messages import parse_reply, parse_request, reply_nv, request_nv
+from pyhast.wire.messages import encode_reply, parse_reply, parse_request, reply_nv, request_nv
 from pyhast.wire.nv import NV
 from pyhast.wire.pipeline import pipeline_recv, pipeline_send
+from pyhast.worker.local import LocalComponent
+from pyhast.worker.primary import PrimaryDevice
+from pyhast.worker.remote import RemoteComponent
 
 KiB: Final = 1024
 MiB: Final = 1024 * KiB
@@ -715,6 +734,102 @@ async def round_trips(size: int, qd: int, n: int, clock: Clock) -> float:
 
 
 # --------------------------------------------------------------------------
+# 11. the primary's write path
+
+
+@contextlib.contextmanager
+def scratch_resource(workdir: str) -> Iterator[LocalComponent]:
+    """A resource of SPAN bytes in ``workdir``, opened as the primary's local component."""
+    fd, path = tempfile.mkstemp(prefix="pyhast-stages-res-", dir=workdir)
+    os.ftruncate(fd, METADATA_SIZE + MiB + SPAN)
+    os.close(fd)
+    try:
+        with Provider.open(path) as provider:
+            metadata_create(provider, "stages")
+        adapter = ResourceAdapter(logging.getLogger("stages"), "stages", "primary")
+        local = LocalComponent.open(path, "stages", metaflush=True, log=adapter)
+        try:
+            yield local
+        finally:
+            local.close()
+    finally:
+        os.unlink(path)
+
+
+class Responder:
+    """The secondary's side of the protocol for stage 11: decode, answer twice."""
+
+    def __init__(self, inc: FramedConn, out: FramedConn) -> None:
+        self.out = out
+        inc.set_frame_handler(self.on_request, self.on_lost)
+        out.set_frame_handler(self.on_lost_frame, self.on_lost)
+        self.error: BaseException | None = None
+
+    def on_request(self, frame: Frame) -> None:
+        req = parse_request(frame.nv, sectorsize=SECTOR, datasize=SPAN)
+        data = pipeline_recv(frame.nv, frame.payload or b"", max_size=MAXPHYS)
+        if len(data) != req.length:
+            raise RuntimeError(f"{len(data)} bytes of data for length {req.length}")
+        self.out.send_encoded(encode_reply(req.seq, 0, True, version=VERSION))
+        self.out.send_encoded(encode_reply(req.seq, 0, False, version=VERSION))
+
+    def on_lost_frame(self, frame: Frame) -> None:
+        raise RuntimeError("unexpected frame on the reply connection")
+
+    def on_lost(self, exc: BaseException | None) -> None:
+        self.error = exc or ConnectionError("closed")
+
+
+async def primary_writes(workdir: str, size: int, qd: int, n: int, clock: Clock) -> float:
+    """``qd`` writers, each awaiting PrimaryDevice.write in turn, ``n`` writes in all."""
+    a_primary, a_secondary = await framed_tcp_pair()
+    b_primary, b_secondary = await framed_tcp_pair()
+    conns = (a_primary, a_secondary, b_primary, b_secondary)
+    try:
+        with scratch_resource(workdir) as local:
+            adapter = ResourceAdapter(logging.getLogger("stages"), "stages", "primary")
+            dev = PrimaryDevice(local, replication=Replication.MEMSYNC, log=adapter)
+            lost: list[str] = []
+            dev.remote = RemoteComponent(
+                a_primary,
+                b_primary,
+                version=VERSION,
+                checksum=Checksum.NONE,
+                compression=Compression.HOLE,
+                on_disconnect=lost.append,
+                log=adapter,
+            )
+            responder = Responder(a_secondary, b_secondary)
+            data = payload(size)
+            # Every extent dirty before the clock starts (the write-ahead
+            # bitmap write is stage-independent and not measured here).
+            for offset in range(0, SPAN, HAST_EXTENTSIZE):
+                await dev.write(offset, data[:SECTOR], False)
+            counter = itertools.count()
+
+            async def writer() -> None:
+                for i in iter(counter.__next__, None):
+                    if i >= n:
+                        return
+                    await dev.write(offset_of(i, size), data, False)
+
+            start = clock()
+            await asyncio.gather(*(writer() for _ in range(qd)))
+            # Every final reply settled (memsync acknowledges on "received").
+            while dev.remote_inflight and not lost:
+                await asyncio.sleep(0)
+            seconds = clock() - start
+            if lost or responder.error:
+                raise RuntimeError(f"connection lost: {lost or responder.error}")
+            return seconds
+    finally:
+        for conn in conns:
+            conn.abort()
+        for conn in conns:
+            await conn.wait_closed()
+
+
+# --------------------------------------------------------------------------
 # The stages
 
 
@@ -815,9 +930,24 @@ def e2e_specs() -> list[Spec]:
     ]
 
 
+def primary_specs(workdir: str) -> list[Spec]:
+    return [
+        Spec(
+            "11",
+            "e2e PrimaryDevice.write memsync, responder, both sides",
+            size,
+            time.process_time,
+            async_maker(primary_writes, workdir, size, QD[size]),
+            note=f"QD{QD[size]}",
+            min_ops=10 * QD[size],
+        )
+        for size in SIZES
+    ]
+
+
 def all_specs(workdir: str) -> list[Spec]:
     sized = [spec for size in SIZES for spec in sized_specs(workdir, size)]
-    return sized + shared_specs() + e2e_specs()
+    return sized + shared_specs() + e2e_specs() + primary_specs(workdir)
 
 
 # --------------------------------------------------------------------------
@@ -885,6 +1015,8 @@ LEGEND: Final = (
     "5: the sending thread only; the reader is another process.  On loopback the "
     "sender also pays most of the receiving side's kernel work (softirq).",
     "10: both ends, their kernel work and the event loop, in one process; QD = requests in flight.",
+    "11: as 10, with the primary's write path (PrimaryDevice.write, memsync) on the sending "
+    "side and a responder that answers like the secondary (received + final, no pwrite).",
 )
 
 
@@ -923,6 +1055,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="short repetitions (under 30 s)")
     ap.add_argument("--workdir", default="/var/tmp", help="where the local write stage writes")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--stages", default="", help="only these stage numbers, comma-separated")
     return ap.parse_args(argv)
 
 
@@ -945,7 +1078,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     machine = machine_info()
     wall = time.monotonic()
-    results = run_all(all_specs(args.workdir), budget)
+    specs = all_specs(args.workdir)
+    if args.stages:
+        wanted = set(args.stages.split(","))
+        specs = [spec for spec in specs if spec.stage in wanted]
+    results = run_all(specs, budget)
     machine["loadavg_end"] = os.getloadavg()
     doc = {
         "machine": machine,

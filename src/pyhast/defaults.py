@@ -25,6 +25,10 @@ METADATA_SIZE: Final = 4096
 HAST_EXTENTSIZE: Final = 2 * 1024 * 1024
 #: Default size of the keepdirty MRU list.
 HAST_KEEPDIRTY: Final = 64
+#: hastctl create starts the data area at a multiple of this (FreeBSD: of
+#: the sector size, so 4608 on a 512-byte-sector provider, where every 4 KiB
+#: write straddles two pages and two 4 KiB physical sectors).
+HAST_DATA_ALIGN: Final = 4096
 #: Largest request on the wire (MAXPHYS of 64-bit FreeBSD 13+).
 MAXPHYS: Final = 1024 * 1024
 #: Length of the handshake token.

@@ -71,12 +71,13 @@ def test_create_dump_256mib_file(tmp_path: Path, image: Path) -> None:
     res = hastctl("dump", "-c", conf, "r0", node="nodea")
     assert res.returncode == 0, res.stderr
     d = parse_dump(res.stdout)
-    # 128 extents of 2 MiB -> 16 bitmap bytes -> one 512-byte sector.
+    # 128 extents of 2 MiB -> 16 bitmap bytes -> one 512-byte sector, and
+    # the data area starts at the next 4 KiB boundary.
     assert d["resource"] == "r0"
-    assert d["datasize"] == f"{256 * MiB - 4096 - 512} (256MB)"
+    assert d["datasize"] == f"{256 * MiB - 8192} (256MB)"
     assert d["extentsize"] == "2097152 (2.0MB)"
     assert d["keepdirty"] == "64"
-    assert d["localoff"] == "4608"
+    assert d["localoff"] == "8192"
     assert d["resuid"] == "0"
     assert d["localcnt"] == "0"
     assert d["remotecnt"] == "0"
@@ -93,11 +94,38 @@ def test_create_options_and_suffixes(tmp_path: Path, image: Path) -> None:
     res = hastctl("create", "-c", conf, "-e", "64k", "-k", "16", "-m", "128M", "r0", node="nodea")
     assert res.returncode == 0, res.stderr
     d = parse_dump(hastctl("dump", "-c", conf, node="nodea").stdout)
-    # (128 MiB - 4096) / 64 KiB -> 2048 extents -> 256 bytes -> 512 rounded.
+    # (128 MiB - 4096) / 64 KiB -> 2048 extents -> 256 bytes -> 512 rounded,
+    # then the next 4 KiB boundary.
     assert d["extentsize"].startswith("65536 ")
     assert d["keepdirty"] == "16"
-    assert d["localoff"] == "4608"
-    assert d["datasize"].startswith(f"{128 * MiB - 4608} ")
+    assert d["localoff"] == "8192"
+    assert d["datasize"].startswith(f"{128 * MiB - 8192} ")
+
+
+@pytest.mark.parametrize(
+    ("align", "extentsize", "localoff"),
+    [
+        # FreeBSD's layout: right after the bitmap, sector aligned.
+        ("512", "2M", 4096 + 512),
+        # 1 GiB / 64 KiB = 16384 extents -> 2048 bytes of bitmap.
+        ("512", "64k", 4096 + 2048),
+        ("4k", "64k", 8192),
+        # A bitmap of 32 KiB (1 GiB / 4 KiB extents) then a 1 MiB boundary.
+        ("1M", "4k", MiB),
+    ],
+)
+def test_create_alignment_of_the_data_area(
+    tmp_path: Path, align: str, extentsize: str, localoff: int
+) -> None:
+    image = tmp_path / "big.img"
+    with open(image, "wb") as f:
+        f.truncate(1024 * MiB + 4096)
+    conf = write_conf(tmp_path, str(image))
+    res = hastctl("create", "-c", conf, "-a", align, "-e", extentsize, "r0", node="nodea")
+    assert res.returncode == 0, res.stderr
+    d = parse_dump(hastctl("dump", "-c", conf, node="nodea").stdout)
+    assert d["localoff"] == str(localoff)
+    assert d["datasize"].startswith(f"{1024 * MiB + 4096 - localoff} ")
 
 
 @pytest.mark.parametrize(
@@ -108,6 +136,7 @@ def test_create_options_and_suffixes(tmp_path: Path, image: Path) -> None:
         (["-e", "256"], 65, "less than sector size"),
         (["-m", "1G"], 65, "larger than provider"),
         (["-e", "12Q"], 64, "Invalid extentsize"),
+        (["-a", "3000"], 65, "Alignment (3000) is not a power of 2"),
         (["-k", "x"], 64, "Invalid keepdirty"),
     ],
 )
@@ -179,7 +208,9 @@ def test_create_dump_loop_device(tmp_path: Path, loopdev: tuple[str, int]) -> No
     res = hastctl("dump", "-c", conf, "r0", node="nodea")
     assert res.returncode == 0, res.stderr
     d = parse_dump(res.stdout)
-    localoff = 4096 + sector  # 16 bitmap bytes round up to one sector
+    # 16 bitmap bytes round up to one sector, then to the next 4 KiB.
+    localoff = 8192
+    assert sector in (512, 4096)
     assert d["localoff"] == str(localoff)
     assert d["datasize"].startswith(f"{256 * MiB - localoff} ")
     assert d["extentsize"] == "2097152 (2.0MB)"

@@ -55,9 +55,10 @@ def test_block_layout_matches_freebsd() -> None:
 
 def test_create_read_write(provider: Provider) -> None:
     md = metadata_create(provider, "r0", extentsize=1 * MiB, keepdirty=8)
-    # (64 MiB - 4096) / 1 MiB -> 64 extents -> 8 bytes -> one 512-byte sector.
-    assert (md.localoff, md.datasize, md.mapsize) == (4608, 64 * MiB - 4608, 512)
-    assert bitmap_read(provider, md) == bytes(512)
+    # (64 MiB - 4096) / 1 MiB -> 64 extents -> 8 bytes -> one 512-byte sector,
+    # and the data area starts at the next 4 KiB boundary.
+    assert (md.localoff, md.datasize, md.mapsize) == (8192, 64 * MiB - 8192, 4096)
+    assert bitmap_read(provider, md) == bytes(4096)
     md.resuid, md.localcnt, md.remotecnt, md.prevrole = 42, 5, 4, Role.PRIMARY
     metadata_write(provider, md)
     assert metadata_read(provider, "r0") == md

@@ -1,4 +1,9 @@
-"""``hastctl create [-e extentsize] [-k keepdirty] [-m mediasize] name ...`` (spec 2.1)."""
+"""``hastctl create [-a align] [-e extentsize] [-k keepdirty] [-m mediasize] name ...`` (spec 2.1).
+
+``-a`` is ours: the data area starts at a multiple of ``align`` bytes (default
+4096; ``-a 512`` reproduces FreeBSD's layout on 512-byte sectors, for a pair
+whose other node was created by FreeBSD's hastctl: datasize must match).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,7 @@ import logging
 from collections.abc import Callable
 
 from pyhast.cli.common import load, select_resources
+from pyhast.defaults import HAST_DATA_ALIGN
 from pyhast.disk.metadata import CreateError, metadata_create
 from pyhast.disk.provider import Provider
 from pyhast.disk.units import expand_number
@@ -31,6 +37,7 @@ def size_option(what: str) -> Callable[[str], int]:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-a", dest="align", type=size_option("alignment"), default=HAST_DATA_ALIGN)
     parser.add_argument("-e", dest="extentsize", type=size_option("extentsize"), default=0)
     parser.add_argument("-k", dest="keepdirty", type=size_option("keepdirty"), default=0)
     parser.add_argument("-m", dest="mediasize", type=size_option("mediasize"), default=0)
@@ -54,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
                     mediasize=args.mediasize,
                     extentsize=args.extentsize,
                     keepdirty=args.keepdirty,
+                    align=args.align,
                 )
         except CreateError as exc:
             log.error("[%s] %s", res.name, exc)

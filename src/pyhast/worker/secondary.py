@@ -102,7 +102,8 @@ class Secondary:
             md.resuid = decision.adopt_resuid
             self.local.metadata_write()
             self.log.info("Adopted resource unique ID %d.", md.resuid)
-        mapsize = md.mapsize
+        # The bitmap proper: the area up to localoff may hold alignment padding.
+        mapsize = self.local.activemap.mapsize
         if decision.errmsg is not None or decision.bitmap == "none":
             bitmap = b""
         elif decision.bitmap == "full":
