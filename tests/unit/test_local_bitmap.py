@@ -196,3 +196,39 @@ def test_a_cancelled_bitmap_write_still_releases_who_waits_for_it(
         assert on_disk(local)[0] & 0b11 == 0b11
 
     asyncio.run(main())
+
+
+def test_a_request_alone_in_flight_writes_the_bitmap_inline(
+    local: LocalComponent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """QD1: the durable bitmap write runs on the event loop's thread (no hop to
+    a worker thread and back); with another request in flight it goes to a
+    thread, so that the loop keeps serving the others meanwhile."""
+    from pyhast.enums import Replication
+    from pyhast.worker.primary import PrimaryDevice
+
+    threads: list[int] = []
+    real = local.provider.pwrite_durable
+
+    def recording(data: bytes, offset: int) -> None:
+        threads.append(threading.get_ident())
+        real(data, offset)
+
+    monkeypatch.setattr(local.provider, "pwrite_durable", recording)
+    log = ResourceAdapter(logging.getLogger("test"), "r0", "primary")
+
+    async def main() -> None:
+        dev = PrimaryDevice(local, replication=Replication.MEMSYNC, log=log)
+        loop_thread = threading.get_ident()
+        await dev.write(0, bytes(4 * KiB), False)  # alone: extent 0 gains its bit
+        assert threads and set(threads) == {loop_thread}
+        assert on_disk(local)[0] & 1
+        threads.clear()
+        # An unaligned write is a read-modify-write: its inner aligned write
+        # runs while the outer one is still in flight.
+        await dev.write(3 * EXTENT + 100, b"x" * 100, False)
+        assert threads and threads[0] != loop_thread
+        assert on_disk(local)[0] & 8
+        assert dev.inflight == 0
+
+    asyncio.run(main())

@@ -93,6 +93,7 @@ class PrimaryDevice:
         self._changed = asyncio.Event()
         #: byte ranges whose local copy is stale (a local write failed)
         self.local_stale = StaleRanges()
+        #: reads, writes and deletes in progress (see _write_start)
         self.inflight = 0
         self.remote_inflight = 0
         self.remote_inflight_bytes = 0
@@ -146,7 +147,10 @@ class PrimaryDevice:
         and still be waiting for it to complete.
         """
         if self.am.write_start(offset, length):
-            await self._bitmap_flush_logged(extents=self._extents(offset, length))
+            # Alone in flight (QD1): no thread hop for the durable bitmap write.
+            await self._bitmap_flush_logged(
+                extents=self._extents(offset, length), inline=self.inflight <= 1
+            )
         else:
             await self.local.bitmap_settled(self._extents(offset, length))
 
@@ -158,9 +162,11 @@ class PrimaryDevice:
             # the next reconnect.
             self.on_need_sync()
 
-    async def _bitmap_flush_logged(self, *, extents: range | None = None) -> None:
+    async def _bitmap_flush_logged(
+        self, *, extents: range | None = None, inline: bool = False
+    ) -> None:
         try:
-            await self.local.bitmap_flush(extents=extents)
+            await self.local.bitmap_flush(extents=extents, inline=inline)
         except OSError:
             pass  # logged by bitmap_flush; the in-memory map still tracks it
 
@@ -178,6 +184,13 @@ class PrimaryDevice:
     # -- reads -------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
+        self.inflight += 1
+        try:
+            return await self._read(offset, length)
+        finally:
+            self.inflight -= 1
+
+    async def _read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         self.stats.read += 1
         if self.local_stale.overlaps(offset, length):
             return await self._read_around_stale(offset, length)
@@ -232,6 +245,13 @@ class PrimaryDevice:
     # -- writes ------------------------------------------------------------------
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
+        self.inflight += 1
+        try:
+            await self._write(offset, data, fua)
+        finally:
+            self.inflight -= 1
+
+    async def _write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         length = len(data)
         mask = self.local.sectorsize - 1
         if (offset | length) & mask:
@@ -429,6 +449,13 @@ class PrimaryDevice:
     # -- delete, zeroes, flush -------------------------------------------------
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
+        self.inflight += 1
+        try:
+            await self._trim(offset, length, fua)
+        finally:
+            self.inflight -= 1
+
+    async def _trim(self, offset: int, length: int, fua: bool) -> None:
         if not self.connected and self.local_stale.overlaps(offset, length):
             # Discard is advisory; refused rather than guessed at.
             raise OSError(errno.EIO, "The local copy is stale and the secondary is away")
