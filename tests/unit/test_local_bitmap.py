@@ -232,3 +232,29 @@ def test_a_request_alone_in_flight_writes_the_bitmap_inline(
         assert dev.inflight == 0
 
     asyncio.run(main())
+
+
+def test_writes_arriving_together_share_one_bitmap_write(
+    local: LocalComponent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first of a burst is alone for an instant: it must not write the
+    bitmap inline (one blocking write per request, no group commit)."""
+    from pyhast.enums import Replication
+    from pyhast.worker.primary import PrimaryDevice
+
+    held = HeldWrites(local, monkeypatch)
+    log = ResourceAdapter(logging.getLogger("test"), "r0", "primary")
+
+    async def main() -> None:
+        dev = PrimaryDevice(local, replication=Replication.ASYNC, log=log)
+        burst = asyncio.gather(*(dev.write(e * EXTENT, bytes(4 * KiB), False) for e in range(8)))
+        await wait_started(held.started)
+        await asyncio.sleep(0.05)  # every write of the burst has asked for its bits
+        held.release.set()
+        await asyncio.wait_for(burst, 5)
+        assert on_disk(local)[0] == 0xFF
+        # The first bitmap write carries the extents it saw; one more at most
+        # for those that came after it started.
+        assert held.count <= 2, held.count
+
+    asyncio.run(main())

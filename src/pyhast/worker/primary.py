@@ -147,10 +147,15 @@ class PrimaryDevice:
         and still be waiting for it to complete.
         """
         if self.am.write_start(offset, length):
-            # Alone in flight (QD1): no thread hop for the durable bitmap write.
-            await self._bitmap_flush_logged(
-                extents=self._extents(offset, length), inline=self.inflight <= 1
-            )
+            inline = False
+            if self.inflight <= 1:
+                # Alone in flight (QD1): no thread hop for the durable bitmap
+                # write.  But first let the requests that arrived with this
+                # one start: with company, the write goes to a thread and
+                # theirs join it (one bitmap write for all of them).
+                await asyncio.sleep(0)
+                inline = self.inflight <= 1
+            await self._bitmap_flush_logged(extents=self._extents(offset, length), inline=inline)
         else:
             await self.local.bitmap_settled(self._extents(offset, length))
 
