@@ -26,6 +26,7 @@ from pyhast.transport.base import (
     ConnBusyError,
     ConnClosedError,
     ConnEOFError,
+    ConnError,
     ConnTimeoutError,
 )
 from pyhast.wire.frame import DEFAULT_MAX_PAYLOAD, ERPCMISMATCH, Frame, encode_frame
@@ -419,6 +420,32 @@ def test_max_payload_can_be_raised_and_restored() -> None:
 
 # --------------------------------------------------------------------------
 # End of connection and timeouts
+
+
+def test_peer_reset_while_frames_are_queued_ends_the_connection_cleanly() -> None:
+    """The socket written directly (3.11) fails mid-queue: the connection
+    reports the reset like any other, nothing is raised out of send_frame
+    until then, and later sends raise the connection's error."""
+
+    async def main() -> None:
+        a, raw = await conn_and_raw()
+        lost: list[BaseException | None] = []
+        a.set_frame_handler(lambda frame: None, lost.append)
+        for seq in range(1, 17):
+            a.send_frame(*msg(seq, bytes([seq]) * (1024 * 1024)))
+        assert a.write_buffer_size > 0  # far more than the socket holds
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        raw.close()  # RST
+        for _ in range(200):
+            if lost:
+                break
+            await asyncio.sleep(0.01)
+        assert lost and isinstance(lost[0], ConnError), lost
+        with pytest.raises(ConnError):
+            a.send_frame(*msg(99, b"x" * 100_000))
+        await a.wait_closed()
+
+    run(main())
 
 
 def test_eof_between_frames() -> None:
