@@ -64,7 +64,7 @@ SYNC_RESOURCE = "bsync"
 #: hastd statistics recorded per run (deltas).
 COUNTERS = ("stat_write", "stat_read", "stat_flush", "stat_activemap_update")
 
-FULL = {"size": 1024, "runtime": 10.0, "warmup": 3.0, "reps": 3, "resync_reps": 3}
+FULL = {"size": 1024, "runtime": 10.0, "warmup": 3.0, "reps": 3, "resync_reps": 7}
 QUICK = {"size": 256, "runtime": 3.0, "warmup": 1.0, "reps": 2, "resync_reps": 1}
 
 
@@ -84,7 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--runtime", type=float, help="seconds per measured run (10; quick 3)")
     p.add_argument("--warmup", type=float, help="warm-up seconds per server and workload")
     p.add_argument("--reps", type=int, help="measured repetitions (3; quick 2)")
-    p.add_argument("--resync-reps", type=int, help="resync repetitions (3; quick 1)")
+    p.add_argument("--resync-reps", type=int, help="resync repetitions (7; quick 1)")
     p.add_argument("--rows", default=",".join(parse.ROWS), help="subset of rows, comma-separated")
     p.add_argument(
         "--workloads", default=",".join(w.key for w in parse.WORKLOADS), help="subset, comma-sep."
