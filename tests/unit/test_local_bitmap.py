@@ -258,3 +258,42 @@ def test_writes_arriving_together_share_one_bitmap_write(
         assert held.count <= 2, held.count
 
     asyncio.run(main())
+
+
+def test_a_write_to_an_extent_whose_bitmap_write_is_pending_waits_for_it(
+    local: LocalComponent, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Write-ahead across the QD1 pass: the first write to extent 2 lets the
+    loop run once before it writes the bitmap; a second write to extent 2
+    arriving then must not reach the disk before that bitmap write."""
+    from pyhast.enums import Replication
+    from pyhast.worker.primary import PrimaryDevice
+
+    events: list[str] = []
+    real_durable = local.provider.pwrite_durable
+    real_pwrite = local.provider.pwrite
+
+    def durable(data: bytes, offset: int) -> None:
+        real_durable(data, offset)
+        events.append("bitmap")
+
+    def pwrite(data: bytes, offset: int) -> None:
+        if offset >= local.md.localoff:
+            events.append(f"data {(offset - local.md.localoff) // KiB}")
+        real_pwrite(data, offset)
+
+    monkeypatch.setattr(local.provider, "pwrite_durable", durable)
+    monkeypatch.setattr(local.provider, "pwrite", pwrite)
+    log = ResourceAdapter(logging.getLogger("test"), "r0", "primary")
+
+    async def main() -> None:
+        dev = PrimaryDevice(local, replication=Replication.ASYNC, log=log)
+        # The first starts alone (the second's task has not run yet), sets its
+        # bit in memory and yields; the second starts in that pass.
+        first = asyncio.ensure_future(dev.write(2 * EXTENT, bytes(4 * KiB), False))
+        second = asyncio.ensure_future(dev.write(2 * EXTENT + 8 * KiB, bytes(4 * KiB), False))
+        await asyncio.wait_for(asyncio.gather(first, second), 5)
+        data = [i for i, e in enumerate(events) if e.startswith("data")]
+        assert events.index("bitmap") < min(data), events
+
+    asyncio.run(main())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+from collections.abc import Callable
 
 from pyhast.defaults import METADATA_SIZE
 from pyhast.disk.activemap import Activemap
@@ -179,17 +180,24 @@ class LocalComponent:
                     still.append((need, fut))
             self._map_waiters = still
 
-    async def bitmap_flush(self, *, extents: range | None = None, inline: bool = False) -> None:
+    async def bitmap_flush(
+        self, *, extents: range | None = None, alone: Callable[[], bool] | None = None
+    ) -> None:
         """Write the activemap image (and flush it with metaflush) before returning.
 
         Concurrent callers share writes: a caller returns once a write that
         began after its own change has completed.  ``extents``: the extents
         whose bits this change added (writes to them wait for this one, see
         :meth:`bitmap_settled`).  When the image only lost bits, call
-        :meth:`bitmap_lost_bits` instead.  ``inline``: the caller is the only
-        request in flight, so the durable write blocks the event loop rather
-        than hop to a thread and back (nothing else could run meanwhile; the
-        two wake-ups cost ~150 us of a QD1 write's latency here).
+        :meth:`bitmap_lost_bits` instead.
+
+        ``alone``: the caller may be the only request in flight.  Then, once
+        the extents are registered (so that writes to them wait), the loop
+        gets one pass to start the requests that came with this one; if
+        ``alone()`` still says so, the durable write blocks the loop rather
+        than hop to a thread and back (nothing else would run meanwhile; the
+        two wake-ups cost ~150 us of a QD1 write's latency here).  With
+        company it goes to the thread, and theirs share it.
         """
         self._map_gen += 1
         want = self._map_gen
@@ -197,7 +205,11 @@ class LocalComponent:
             egen = self._extent_gen
             for e in extents:
                 egen[e] = want
+        inline = False
         try:
+            if alone is not None:
+                await asyncio.sleep(0)
+                inline = alone()
             async with self._map_lock:
                 if self._map_written >= want:
                     return

@@ -147,15 +147,11 @@ class PrimaryDevice:
         and still be waiting for it to complete.
         """
         if self.am.write_start(offset, length):
-            inline = False
-            if self.inflight <= 1:
-                # Alone in flight (QD1): no thread hop for the durable bitmap
-                # write.  But first let the requests that arrived with this
-                # one start: with company, the write goes to a thread and
-                # theirs join it (one bitmap write for all of them).
-                await asyncio.sleep(0)
-                inline = self.inflight <= 1
-            await self._bitmap_flush_logged(extents=self._extents(offset, length), inline=inline)
+            # Alone in flight (QD1): maybe no thread hop for the bitmap write.
+            await self._bitmap_flush_logged(
+                extents=self._extents(offset, length),
+                alone=self._alone if self.inflight <= 1 else None,
+            )
         else:
             await self.local.bitmap_settled(self._extents(offset, length))
 
@@ -167,11 +163,14 @@ class PrimaryDevice:
             # the next reconnect.
             self.on_need_sync()
 
+    def _alone(self) -> bool:
+        return self.inflight <= 1
+
     async def _bitmap_flush_logged(
-        self, *, extents: range | None = None, inline: bool = False
+        self, *, extents: range | None = None, alone: Callable[[], bool] | None = None
     ) -> None:
         try:
-            await self.local.bitmap_flush(extents=extents, inline=inline)
+            await self.local.bitmap_flush(extents=extents, alone=alone)
         except OSError:
             pass  # logged by bitmap_flush; the in-memory map still tracks it
 
