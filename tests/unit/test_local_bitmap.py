@@ -198,47 +198,11 @@ def test_a_cancelled_bitmap_write_still_releases_who_waits_for_it(
     asyncio.run(main())
 
 
-def test_a_request_alone_in_flight_writes_the_bitmap_inline(
+def test_writes_arriving_together_share_the_bitmap_writes(
     local: LocalComponent, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """QD1: the durable bitmap write runs on the event loop's thread (no hop to
-    a worker thread and back); with another request in flight it goes to a
-    thread, so that the loop keeps serving the others meanwhile."""
-    from pyhast.enums import Replication
-    from pyhast.worker.primary import PrimaryDevice
-
-    threads: list[int] = []
-    real = local.provider.pwrite_durable
-
-    def recording(data: bytes, offset: int) -> None:
-        threads.append(threading.get_ident())
-        real(data, offset)
-
-    monkeypatch.setattr(local.provider, "pwrite_durable", recording)
-    log = ResourceAdapter(logging.getLogger("test"), "r0", "primary")
-
-    async def main() -> None:
-        dev = PrimaryDevice(local, replication=Replication.MEMSYNC, log=log)
-        loop_thread = threading.get_ident()
-        await dev.write(0, bytes(4 * KiB), False)  # alone: extent 0 gains its bit
-        assert threads and set(threads) == {loop_thread}
-        assert on_disk(local)[0] & 1
-        threads.clear()
-        # An unaligned write is a read-modify-write: its inner aligned write
-        # runs while the outer one is still in flight.
-        await dev.write(3 * EXTENT + 100, b"x" * 100, False)
-        assert threads and threads[0] != loop_thread
-        assert on_disk(local)[0] & 8
-        assert dev.inflight == 0
-
-    asyncio.run(main())
-
-
-def test_writes_arriving_together_share_one_bitmap_write(
-    local: LocalComponent, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The first of a burst is alone for an instant: it must not write the
-    bitmap inline (one blocking write per request, no group commit)."""
+    """Group commit: a burst of writes to new extents costs one or two bitmap
+    writes, not one each (the first is in flight when the others ask)."""
     from pyhast.enums import Replication
     from pyhast.worker.primary import PrimaryDevice
 
@@ -253,47 +217,6 @@ def test_writes_arriving_together_share_one_bitmap_write(
         held.release.set()
         await asyncio.wait_for(burst, 5)
         assert on_disk(local)[0] == 0xFF
-        # The first bitmap write carries the extents it saw; one more at most
-        # for those that came after it started.
         assert held.count <= 2, held.count
-
-    asyncio.run(main())
-
-
-def test_a_write_to_an_extent_whose_bitmap_write_is_pending_waits_for_it(
-    local: LocalComponent, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Write-ahead across the QD1 pass: the first write to extent 2 lets the
-    loop run once before it writes the bitmap; a second write to extent 2
-    arriving then must not reach the disk before that bitmap write."""
-    from pyhast.enums import Replication
-    from pyhast.worker.primary import PrimaryDevice
-
-    events: list[str] = []
-    real_durable = local.provider.pwrite_durable
-    real_pwrite = local.provider.pwrite
-
-    def durable(data: bytes, offset: int) -> None:
-        real_durable(data, offset)
-        events.append("bitmap")
-
-    def pwrite(data: bytes, offset: int) -> None:
-        if offset >= local.md.localoff:
-            events.append(f"data {(offset - local.md.localoff) // KiB}")
-        real_pwrite(data, offset)
-
-    monkeypatch.setattr(local.provider, "pwrite_durable", durable)
-    monkeypatch.setattr(local.provider, "pwrite", pwrite)
-    log = ResourceAdapter(logging.getLogger("test"), "r0", "primary")
-
-    async def main() -> None:
-        dev = PrimaryDevice(local, replication=Replication.ASYNC, log=log)
-        # The first starts alone (the second's task has not run yet), sets its
-        # bit in memory and yields; the second starts in that pass.
-        first = asyncio.ensure_future(dev.write(2 * EXTENT, bytes(4 * KiB), False))
-        second = asyncio.ensure_future(dev.write(2 * EXTENT + 8 * KiB, bytes(4 * KiB), False))
-        await asyncio.wait_for(asyncio.gather(first, second), 5)
-        data = [i for i, e in enumerate(events) if e.startswith("data")]
-        assert events.index("bitmap") < min(data), events
 
     asyncio.run(main())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
-from collections.abc import Callable
 
 from pyhast.defaults import METADATA_SIZE
 from pyhast.disk.activemap import Activemap
@@ -180,9 +179,7 @@ class LocalComponent:
                     still.append((need, fut))
             self._map_waiters = still
 
-    async def bitmap_flush(
-        self, *, extents: range | None = None, alone: Callable[[], bool] | None = None
-    ) -> None:
+    async def bitmap_flush(self, *, extents: range | None = None) -> None:
         """Write the activemap image (and flush it with metaflush) before returning.
 
         Concurrent callers share writes: a caller returns once a write that
@@ -190,14 +187,6 @@ class LocalComponent:
         whose bits this change added (writes to them wait for this one, see
         :meth:`bitmap_settled`).  When the image only lost bits, call
         :meth:`bitmap_lost_bits` instead.
-
-        ``alone``: the caller may be the only request in flight.  Then, once
-        the extents are registered (so that writes to them wait), the loop
-        gets one pass to start the requests that came with this one; if
-        ``alone()`` still says so, the durable write blocks the loop rather
-        than hop to a thread and back (nothing else would run meanwhile; the
-        two wake-ups cost ~150 us of a QD1 write's latency here).  With
-        company it goes to the thread, and theirs share it.
         """
         self._map_gen += 1
         want = self._map_gen
@@ -205,17 +194,13 @@ class LocalComponent:
             egen = self._extent_gen
             for e in extents:
                 egen[e] = want
-        inline = False
         try:
-            if alone is not None:
-                await asyncio.sleep(0)
-                inline = alone()
             async with self._map_lock:
                 if self._map_written >= want:
                     return
                 gen = self._map_gen
                 try:
-                    await self._write_image(durable=self.metaflush, inline=inline)
+                    await self._write_image(durable=self.metaflush)
                 finally:
                     self._map_ended(gen)
                 self._map_written = gen
@@ -263,7 +248,7 @@ class LocalComponent:
             except OSError:
                 pass  # logged; the next bitmap write tries again
 
-    async def _write_image(self, *, durable: bool, inline: bool = False) -> None:
+    async def _write_image(self, *, durable: bool) -> None:
         """Write the current image (caller holds the lock); logs and raises OSError."""
         image = self.activemap.bitmap()
         self._lazy_dirty = False
@@ -274,12 +259,7 @@ class LocalComponent:
             # thread: a device flush may take milliseconds.
             loop = asyncio.get_running_loop()
             try:
-                if inline:
-                    self.provider.pwrite_durable(image, METADATA_SIZE)
-                else:
-                    await loop.run_in_executor(
-                        None, self.provider.pwrite_durable, image, METADATA_SIZE
-                    )
+                await loop.run_in_executor(None, self.provider.pwrite_durable, image, METADATA_SIZE)
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):

@@ -93,7 +93,6 @@ class PrimaryDevice:
         self._changed = asyncio.Event()
         #: byte ranges whose local copy is stale (a local write failed)
         self.local_stale = StaleRanges()
-        #: reads, writes and deletes in progress (see _write_start)
         self.inflight = 0
         self.remote_inflight = 0
         self.remote_inflight_bytes = 0
@@ -147,11 +146,7 @@ class PrimaryDevice:
         and still be waiting for it to complete.
         """
         if self.am.write_start(offset, length):
-            # Alone in flight (QD1): maybe no thread hop for the bitmap write.
-            await self._bitmap_flush_logged(
-                extents=self._extents(offset, length),
-                alone=self._alone if self.inflight <= 1 else None,
-            )
+            await self._bitmap_flush_logged(extents=self._extents(offset, length))
         else:
             await self.local.bitmap_settled(self._extents(offset, length))
 
@@ -163,14 +158,9 @@ class PrimaryDevice:
             # the next reconnect.
             self.on_need_sync()
 
-    def _alone(self) -> bool:
-        return self.inflight <= 1
-
-    async def _bitmap_flush_logged(
-        self, *, extents: range | None = None, alone: Callable[[], bool] | None = None
-    ) -> None:
+    async def _bitmap_flush_logged(self, *, extents: range | None = None) -> None:
         try:
-            await self.local.bitmap_flush(extents=extents, alone=alone)
+            await self.local.bitmap_flush(extents=extents)
         except OSError:
             pass  # logged by bitmap_flush; the in-memory map still tracks it
 
@@ -188,13 +178,6 @@ class PrimaryDevice:
     # -- reads -------------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
-        self.inflight += 1
-        try:
-            return await self._read(offset, length)
-        finally:
-            self.inflight -= 1
-
-    async def _read(self, offset: int, length: int) -> bytes | bytearray | memoryview:
         self.stats.read += 1
         if self.local_stale.overlaps(offset, length):
             return await self._read_around_stale(offset, length)
@@ -249,13 +232,6 @@ class PrimaryDevice:
     # -- writes ------------------------------------------------------------------
 
     async def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
-        self.inflight += 1
-        try:
-            await self._write(offset, data, fua)
-        finally:
-            self.inflight -= 1
-
-    async def _write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool) -> None:
         length = len(data)
         mask = self.local.sectorsize - 1
         if (offset | length) & mask:
@@ -453,13 +429,6 @@ class PrimaryDevice:
     # -- delete, zeroes, flush -------------------------------------------------
 
     async def trim(self, offset: int, length: int, fua: bool) -> None:
-        self.inflight += 1
-        try:
-            await self._trim(offset, length, fua)
-        finally:
-            self.inflight -= 1
-
-    async def _trim(self, offset: int, length: int, fua: bool) -> None:
         if not self.connected and self.local_stale.overlaps(offset, length):
             # Discard is advisory; refused rather than guessed at.
             raise OSError(errno.EIO, "The local copy is stale and the secondary is away")
