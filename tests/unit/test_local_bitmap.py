@@ -110,7 +110,7 @@ def test_concurrent_bitmap_writes_are_shared(
         first = write_ahead(local, 0)
         await wait_started(held.started)
         others = [write_ahead(local, e) for e in (1, 2, 3)]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # one pass: each asks for its write, then waits
         held.release.set()
         await asyncio.wait_for(asyncio.gather(first, *others), 5)
         assert on_disk(local)[0] & 0b1111 == 0b1111
@@ -188,7 +188,7 @@ def test_a_cancelled_bitmap_write_still_releases_who_waits_for_it(
         queued = write_ahead(local, 1)
         await asyncio.sleep(0)
         waiter = asyncio.ensure_future(local.bitmap_settled(range(1, 2)))
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0)  # one pass: the waiter is parked on write 1
         queued.cancel()
         held.release.set()
         await asyncio.wait_for(first, 5)
@@ -213,7 +213,9 @@ def test_writes_arriving_together_share_the_bitmap_writes(
         dev = PrimaryDevice(local, replication=Replication.ASYNC, log=log)
         burst = asyncio.gather(*(dev.write(e * EXTENT, bytes(4 * KiB), False) for e in range(8)))
         await wait_started(held.started)
-        await asyncio.sleep(0.05)  # every write of the burst has asked for its bits
+        # Every write of the burst set its bit and asked for its bitmap write
+        # (one step, no await in between) while the first write is held.
+        assert local.activemap.ndirty == 8
         held.release.set()
         await asyncio.wait_for(burst, 5)
         assert on_disk(local)[0] == 0xFF

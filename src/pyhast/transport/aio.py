@@ -110,7 +110,7 @@ import socket
 import sys
 import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final, NoReturn
 
 from pyhast.defaults import HAST_PROTO_VERSION
@@ -601,7 +601,7 @@ class FramedConn(asyncio.BufferedProtocol):
             return
         self._emit_many((buf,))
 
-    def _emit_many(self, bufs: tuple[bytes | bytearray | memoryview, ...] | list[Any]) -> None:
+    def _emit_many(self, bufs: Sequence[bytes | bytearray | memoryview]) -> None:
         """Python 3.11: queue views of ``bufs`` and write what the socket takes."""
         txq = self._txq
         for buf in bufs:
